@@ -1,0 +1,270 @@
+"""The text tokenizer: caption -> fixed-length text ids, the DALL·E way.
+
+Byte-level BPE (HF `tokenizers`) over the normalised caption (NFKC, lower case, runs of whitespace
+collapsed to one space, stripped). Byte-level means the base alphabet is the 256 bytes, so no
+caption is ever unknown: an unseen word or emoji just costs more tokens. Every word carries its
+leading space marker (`add_prefix_space`), so "red" is the same token at the start of a caption and
+in its middle, which matters when the vocabulary is small.
+
+BPE dropout (the paper's 0.1) is applied only in training mode, switched like an `nn.Module`:
+`tok.train()` / `tok.eval()` and the `tok.training` flag; a new or loaded tokenizer is in eval mode.
+
+Fixed length: a caption is truncated to `text_len` ids; position i of a shorter caption gets the pad
+id `vocab_size + i` (the paper's per-position pad: each position learns its own pad embedding), so
+the transformer's text vocabulary is `total_vocab_size = vocab_size + text_len`. The empty caption
+is all pads: the "null" text of classifier-free guidance (`null_ids()`).
+
+`vocab_size` is the size of the vocabulary the trainer actually produced, which on a small corpus is
+far below the requested size; BPE ids are exactly 0..vocab_size-1, so pads never collide with them.
+
+Saved as ONE `tokenizer.json` (the standard `tokenizers` file; loadable by `Tokenizer.from_file`).
+The dalle_proto settings are read back from its standard fields, so they cannot disagree with it:
+  vocab_size  <- the size of `model.vocab`
+  text_len    <- `truncation.max_length`
+  bpe_dropout <- `model.dropout` (note: a raw `Tokenizer.from_file` therefore has dropout ON)
+  lowercase   <- whether `normalizer` contains `Lowercase`
+The training-only knob `min_frequency` is kept for the record under `model.dalle_proto` (the
+`tokenizers` loader ignores unknown keys inside `model`; a missing record falls back to the default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from dalle_proto.pretrained import atomic_write_bytes
+
+TOKENIZER_FILE = "tokenizer.json"
+BYTE_ALPHABET_SIZE = 256  # byte-level BPE always holds the 256 byte symbols
+_RECORD_KEY = "dalle_proto"  # our record inside tokenizer.json's `model` object
+
+
+@dataclass
+class TextTokenizerConfig:
+    vocab_size: int = 16384  # requested BPE vocabulary (the paper's); after training: the true size
+    text_len: int = 256  # ids per caption, after truncation / per-position padding
+    bpe_dropout: float = 0.1  # probability of skipping each BPE merge, training mode only
+    lowercase: bool = True  # the paper tokenises the lower-cased caption
+    min_frequency: int = 2  # a merge must occur this often in the corpus (training only)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < BYTE_ALPHABET_SIZE:
+            raise ValueError(f"TextTokenizerConfig.vocab_size={self.vocab_size}: byte-level BPE needs at "
+                             f"least the {BYTE_ALPHABET_SIZE} byte symbols")
+        if self.text_len < 1:
+            raise ValueError(f"TextTokenizerConfig.text_len={self.text_len}: expected >= 1")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ValueError(f"TextTokenizerConfig.bpe_dropout={self.bpe_dropout}: expected 0 <= p < 1")
+        if self.min_frequency < 1:
+            raise ValueError(f"TextTokenizerConfig.min_frequency={self.min_frequency}: expected >= 1")
+
+
+class TextTokenizer:
+    """Caption(s) -> LongTensor of text ids, (text_len,) or (B, text_len); and back."""
+
+    def __init__(self, tokenizer: Tokenizer, config: TextTokenizerConfig) -> None:
+        # Use `from_captions` or `from_pretrained`; this trusts that `config` describes `tokenizer`.
+        self._tokenizer = tokenizer
+        self.config = config
+        self._pad_ids = list(range(config.vocab_size, config.vocab_size + config.text_len))
+        self.training = False
+        self._tokenizer.model.dropout = None  # eval mode until train() is called
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of BPE ids (0..vocab_size-1); pads start here."""
+        return self.config.vocab_size
+
+    @property
+    def text_len(self) -> int:
+        return self.config.text_len
+
+    @property
+    def total_vocab_size(self) -> int:
+        """BPE ids plus one pad per position: the size of the transformer's text embedding."""
+        return self.config.vocab_size + self.config.text_len
+
+    # ---- mode --------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "TextTokenizer":
+        """Training mode: BPE dropout on (if config.bpe_dropout > 0). Returns self, like nn.Module."""
+        self.training = bool(mode)
+        p = self.config.bpe_dropout
+        # tokenizers wants None (not 0.0) for "no dropout"; None also re-enables its word cache.
+        self._tokenizer.model.dropout = p if (self.training and p > 0) else None
+        return self
+
+    def eval(self) -> "TextTokenizer":
+        """Eval mode: deterministic BPE. Returns self."""
+        return self.train(False)
+
+    # ---- encoding ----------------------------------------------------------------------------
+    def normalize(self, caption: str) -> str:
+        """The text the BPE actually sees (and what `decode` gives back)."""
+        return self._tokenizer.normalizer.normalize_str(_check_caption(caption, 0))
+
+    def encode_ids(self, caption: str) -> list[int]:
+        """BPE ids of one caption, truncated to text_len, without pads."""
+        return self._tokenizer.encode(_check_caption(caption, 0)).ids
+
+    def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
+        """A caption -> (text_len,) LongTensor; a list of B captions -> (B, text_len)."""
+        if isinstance(captions, str):
+            return self._pad(self.encode_ids(captions))  # (T,)
+        captions = [_check_caption(c, i) for i, c in enumerate(captions)]
+        encodings = self._tokenizer.encode_batch(captions) if captions else []
+        rows = [enc.ids + self._pad_ids[len(enc.ids):] for enc in encodings]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.text_len)  # (B, T)
+
+    def null_ids(self) -> torch.Tensor:
+        """The empty caption: all per-position pads, (text_len,). The unconditional text for CFG."""
+        return torch.tensor(self._pad_ids, dtype=torch.long)  # (T,)
+
+    def _pad(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids + self._pad_ids[len(ids):], dtype=torch.long)  # (T,)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """(T,) ids -> str; (B, T) ids -> list of B str. Pad ids (>= vocab_size) are dropped."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() not in (1, 2):
+                raise ValueError(f"decode: expected ids of shape (T,) or (B, T), got {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and not isinstance(ids[0], int):  # a batch
+            return [self._decode_one(list(row)) for row in ids]
+        return self._decode_one(ids)
+
+    def _decode_one(self, ids: list[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.total_vocab_size]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:5]} out of range; expected 0 <= id < total_vocab_size="
+                             f"{self.total_vocab_size} (BPE ids < {self.vocab_size}, pads above)")
+        text = self._tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=False)
+        return text.strip()  # every word carries a leading space marker, the first one included
+
+    # ---- training ----------------------------------------------------------------------------
+    @classmethod
+    def from_captions(cls, captions: Iterable[str], config: TextTokenizerConfig,
+                      progress: bool = False) -> "TextTokenizer":
+        """Train byte-level BPE on `captions`. The result's config.vocab_size is the TRUE vocab size.
+
+        (Named `from_captions`, not `train`, because `train()` switches training mode as in nn.Module.)
+        """
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.normalizer = _normalizer(config.lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],  # pads are ours, outside the BPE vocabulary
+            show_progress=progress,
+        )
+        counter = _Counter(captions)
+        tokenizer.train_from_iterator(counter, trainer=trainer)
+        if counter.n == 0:
+            raise ValueError("TextTokenizer.from_captions: got no captions to train on")
+        tokenizer.enable_truncation(max_length=config.text_len)
+        true_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        return cls(tokenizer, dataclasses.replace(config, vocab_size=true_size))
+
+    # ---- saving / loading --------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write `folder/tokenizer.json` atomically (see the module docstring for what it holds)."""
+        data = json.loads(self._tokenizer.to_str())
+        data["model"]["dropout"] = self.config.bpe_dropout or None  # recorded whatever the mode
+        data["model"][_RECORD_KEY] = {"min_frequency": self.config.min_frequency}
+        path = Path(folder) / TOKENIZER_FILE
+        atomic_write_bytes(path, (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "TextTokenizer":
+        """Load what `save_pretrained` wrote; returns a tokenizer in eval mode."""
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no text tokenizer here; expected the {TOKENIZER_FILE} "
+                                    f"written by TextTokenizer.save_pretrained / train_text_tokenizer")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as e:  # json.JSONDecodeError or the tokenizers parser's error
+            raise ValueError(f"{path}: not a valid tokenizers JSON file: {e}") from e
+        return cls(tokenizer, _config_from_json(data, tokenizer, str(path)))
+
+    def __repr__(self) -> str:
+        return (f"TextTokenizer(vocab_size={self.vocab_size}, text_len={self.text_len}, "
+                f"bpe_dropout={self.config.bpe_dropout}, training={self.training})")
+
+
+def train_text_tokenizer(captions: Iterable[str], config: TextTokenizerConfig,
+                         out_dir: str | os.PathLike, progress: bool = True) -> TextTokenizer:
+    """Train on `captions`, save `out_dir/tokenizer.json`, return the tokenizer (eval mode)."""
+    text_tokenizer = TextTokenizer.from_captions(captions, config, progress=progress)
+    text_tokenizer.save_pretrained(out_dir)
+    return text_tokenizer
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _normalizer(lowercase: bool) -> normalizers.Normalizer:
+    steps = [normalizers.NFKC()]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    return normalizers.Sequence(steps)
+
+
+def _check_caption(caption: Any, index: int) -> str:
+    if not isinstance(caption, str):
+        raise TypeError(f"caption {index}: expected str, got {type(caption).__name__}: {caption!r:.80}")
+    return caption
+
+
+class _Counter:
+    """Iterates over captions, type-checking each and counting them (the trainer streams them)."""
+
+    def __init__(self, captions: Iterable[str]) -> None:
+        self.captions = captions
+        self.n = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for caption in self.captions:
+            yield _check_caption(caption, self.n)
+            self.n += 1
+
+
+def _config_from_json(data: dict, tokenizer: Tokenizer, source: str) -> TextTokenizerConfig:
+    """Rebuild the config from tokenizer.json's standard fields (see the module docstring)."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{source}: expected a BPE model, got model.type={model.get('type')!r}")
+    if data.get("added_tokens"):
+        raise ValueError(f"{source}: has added_tokens {[t.get('content') for t in data['added_tokens']][:5]}; "
+                         "a dalle_proto text tokenizer has none (its pads live outside the BPE vocabulary)")
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"{source}: BPE ids are not exactly 0..{len(vocab) - 1}; pads would collide")
+    truncation = data.get("truncation") or {}
+    if not isinstance(truncation.get("max_length"), int):
+        raise ValueError(f"{source}: missing truncation.max_length, which holds dalle_proto's text_len")
+    if data.get("padding") is not None:
+        raise ValueError(f"{source}: has tokenizers padding set; dalle_proto pads per position itself")
+    normalizer = data.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    record = model.get(_RECORD_KEY) or {}
+    return TextTokenizerConfig(
+        vocab_size=len(vocab),
+        text_len=truncation["max_length"],
+        bpe_dropout=float(model.get("dropout") or 0.0),
+        lowercase=any(step.get("type") == "Lowercase" for step in steps),
+        min_frequency=int(record.get("min_frequency", TextTokenizerConfig.min_frequency)),
+    )
