@@ -111,8 +111,9 @@ class VectorQuantizer(nn.Module):
         usage_counts: (n_embed,) counts; defaults to this module's `code_usage` (training forwards
         since the last call), which is reset afterwards. Returns the number of codes restarted.
         Under DDP call it with all-reduced counts and all-gathered latents (or broadcast the codebook
-        from rank 0 afterwards) so every rank keeps the same codebook; optimiser moments of the
-        restarted rows are left as they are.
+        from rank 0 afterwards) so every rank keeps the same codebook; note DDP's default
+        broadcast_buffers=True overwrites each rank's `code_usage` with rank 0's every forward.
+        Optimiser moments of the restarted rows are left as they are.
         """
         counts = self.code_usage if usage_counts is None else usage_counts.to(self.code_usage.device)
         if counts.shape != (self.n_embed,):
@@ -121,8 +122,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"z_flat must have shape (N>0, {self.embed_dim}), got {tuple(z_flat.shape)}")
         dead = (counts < min_usage).nonzero().flatten()  # (n_dead,)
         if dead.numel() > 0:
-            rows = torch.randint(0, z_flat.shape[0], (dead.numel(),), generator=generator,
-                                 device=z_flat.device if generator is None else generator.device)
+            # Indices drawn on the CPU so a CPU `generator` makes restarts reproducible anywhere.
+            rows = torch.randint(0, z_flat.shape[0], (dead.numel(),), generator=generator)
             new = self._prepare(z_flat[rows.to(z_flat.device)].float()[:, :, None, None])[:, :, 0, 0]
             self.embedding.weight.data[dead] = new.to(self.embedding.weight)
         self.code_usage.zero_()
