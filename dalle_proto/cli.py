@@ -25,10 +25,9 @@ def _add_run_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_run_config(args: argparse.Namespace):
-    from .run_config import RunConfig
-    from .config import load_config
+    from .run_config import load_run_config
 
-    return load_config(RunConfig, args.config, args.overrides)
+    return load_run_config(args.config, args.overrides)
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -54,8 +54,14 @@ def check_keys(cls: type, values: Any, source: str, prefix: str = "") -> None:
             check_keys(sub, value, source, f"{full}.")
 
 
-def load_config(cls: type[C], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> C:
-    """Build `cls` from its defaults, then each YAML file in order, then `key.sub=value` overrides."""
+def load_config(cls: type[C], yaml_paths: list[str | Path] = (), overrides: list[str] = (),
+                presets: dict[str, Callable[[Any], dict]] | None = None) -> C:
+    """Build `cls` from its defaults, then each YAML file in order, then `key.sub=value` overrides.
+
+    `presets` maps a dotted key to a function of its value returning a nested dict of defaults that
+    is applied before every file, e.g. `{"transformer.size": lambda name: {"transformer": SIZES[name]}}`:
+    a named size fills the section, and whatever the files and overrides set still wins.
+    """
     merged = OmegaConf.structured(cls)
     layers: list[tuple[str, Any]] = []
     for path in yaml_paths:
@@ -70,6 +76,12 @@ def load_config(cls: type[C], yaml_paths: list[str | Path] = (), overrides: list
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.subkey=value")
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    for key, preset in (presets or {}).items():
+        chosen = [OmegaConf.select(layer, key) for _, layer in layers]
+        chosen = [value for value in chosen if value is not None]
+        value = chosen[-1] if chosen else OmegaConf.select(merged, key)
+        if value is not None:
+            layers.insert(0, (f"{key}={value}", OmegaConf.create(preset(value))))
     for source, layer in layers:
         plain = OmegaConf.to_container(layer, resolve=False) or {}
         if not isinstance(plain, dict):

@@ -58,3 +58,28 @@ def test_missing_file_and_bad_override():
         load_config(Run, ["/nonexistent.yaml"])
     with pytest.raises(ConfigError, match="key.subkey=value"):
         load_config(Run, [], ["model.depth"])
+
+
+@dataclass
+class SizedModel:
+    size: str | None = None
+    depth: int = 2
+    dim: int = 64
+
+
+@dataclass
+class SizedRun:
+    model: SizedModel = field(default_factory=SizedModel)
+
+
+SIZES = {"big": {"depth": 24, "dim": 1024}}
+PRESETS = {"model.size": lambda name: {"model": SIZES[name]}}
+
+
+def test_named_size_fills_section_but_explicit_values_win(tmp_path):
+    p = write(tmp_path, "model:\n  size: big\n  dim: 512\n")
+    cfg = load_config(SizedRun, [p], ["model.depth=30"], presets=PRESETS)
+    assert (cfg.model.size, cfg.model.depth, cfg.model.dim) == ("big", 30, 512)
+    cfg = load_config(SizedRun, [], ["model.size=big"], presets=PRESETS)
+    assert (cfg.model.depth, cfg.model.dim) == (24, 1024)
+    assert load_config(SizedRun, [], [], presets=PRESETS).model.depth == 2
