@@ -1,0 +1,132 @@
+"""Image tokenizer benchmark: train the CPU shapes VQGAN from scratch, then measure it.
+
+    python3 benchmarks/image_tokenizer.py                       # configs/image_tokenizer_shapes.yaml
+    python3 benchmarks/image_tokenizer.py --out runs/x image_tokenizer_training.steps=300
+
+Prints PSNR on 512 eval-split shapes renders (64 px; mean of per-image PSNR on the [0, 1] scale,
+plus PSNR of the pooled MSE), codebook usage (fraction of all codes that those 512 images' tokens
+use), the agreement of bf16-autocast tokens with fp32 tokens (what `encode_to_cache(bf16=True)`
+costs), wall time and steps/s. Bars: PSNR >= 30 dB, usage >= 0.9, <= 30 minutes of training.
+Rerunning with the same --out resumes from its last.ckpt (`--fresh` deletes it first); the
+reported minutes are then this invocation's only. Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
+from dalle_proto.datasets.shapes import ShapesDataset  # noqa: E402
+from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
+from dalle_proto.image_tokenizer_training import (ImageTokenizerTrainConfig, psnr_db,  # noqa: E402
+                                                  train_image_tokenizer)
+from dalle_proto.pretrained import config_from_dict  # noqa: E402
+
+EVAL_IMAGES = 512
+
+
+def load_configs(path: Path, overrides: list[str]):
+    raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+    raw = OmegaConf.to_container(raw, resolve=True)
+    unknown = sorted(set(raw) - {"image_tokenizer", "image_tokenizer_training", "data"})
+    if unknown:
+        raise SystemExit(f"{path}: unknown top-level section(s) {unknown}")
+    model = config_from_dict(ImageTokenizerConfig, raw["image_tokenizer"], f"{path}: image_tokenizer")
+    train = config_from_dict(ImageTokenizerTrainConfig, raw["image_tokenizer_training"],
+                             f"{path}: image_tokenizer_training")
+    data = raw["data"]
+    if data.get("kind") != "shapes":
+        raise SystemExit(f"{path}: this benchmark trains on data.kind 'shapes', got {data.get('kind')!r}")
+    return model, train, data
+
+
+@torch.no_grad()
+def evaluate(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 64) -> dict:
+    model.eval()
+    psnrs, mses, ids_fp32, ids_bf16 = [], [], [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]  # (B, 3, 64, 64)
+        recon, ids, _ = model(x)
+        psnrs.append(psnr_db(recon, x))
+        mses.append(((recon.clamp(-1, 1) - x) / 2).pow(2).mean(dim=(1, 2, 3)))
+        ids_fp32.append(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids_bf16.append(model.encode(x))
+    ids_fp32, ids_bf16 = torch.cat(ids_fp32), torch.cat(ids_bf16)
+    counts = torch.bincount(ids_fp32.flatten(), minlength=model.codebook_size)
+    return {
+        "psnr_db": float(torch.cat(psnrs).mean()),
+        "psnr_pooled_db": float(-10 * torch.log10(torch.cat(mses).mean())),
+        "codebook_usage": float((counts > 0).float().mean()),
+        "codes_used": int((counts > 0).sum()),
+        "bf16_token_agreement": float((ids_fp32 == ids_bf16).float().mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "image_tokenizer_shapes.yaml"))
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench_image_tokenizer"))
+    parser.add_argument("--fresh", action="store_true", help="delete --out first (train from scratch)")
+    parser.add_argument("--copy-to", default=None, help="also save the trained model folder here")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    model_config, train_config, data = load_configs(Path(args.config), args.overrides)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    resumed = (out / "last.ckpt").is_file()
+    size = int(data.get("image_size", model_config.resolution))
+    seed = int(data.get("seed", 0))
+    train_set = ShapesDataset(int(data["train_count"]), seed=seed, size=size, split="train")
+    eval_set = ShapesDataset(int(data.get("eval_count", EVAL_IMAGES)), seed=seed, size=size, split="eval")
+    print(f"config {args.config} overrides {args.overrides}\n{model_config}\n{train_config}\n"
+          f"data {data}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+
+    start = time.time()
+    model = train_image_tokenizer(model_config, train_config, train_set, eval_set, out)
+    train_seconds = time.time() - start
+    steps = train_config.steps
+
+    bench_set = ShapesDataset(EVAL_IMAGES, seed=seed, size=size, split="eval")
+    images = torch.stack([pil_to_tensor(bench_set[i][0]) for i in range(EVAL_IMAGES)])  # (512, 3, S, S)
+    eval_start = time.time()
+    figures = evaluate(model, images)
+    params = sum(p.numel() for p in model.parameters())
+    result = {
+        **figures,
+        "train_minutes": round(train_seconds / 60, 2),
+        "steps": steps,
+        "steps_per_second": round(steps / train_seconds, 3) if not resumed else None,
+        "batch_size": train_config.batch_size,
+        "n_embed": model_config.n_embed,
+        "grid_size": model_config.grid_size,
+        "params_millions": round(params / 1e6, 3),
+        "resumed": resumed,
+        "eval_seconds": round(time.time() - eval_start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    print(f"PSNR {figures['psnr_db']:.2f} dB (pooled {figures['psnr_pooled_db']:.2f} dB) on {EVAL_IMAGES} "
+          f"eval renders; codebook usage {figures['codebook_usage']:.3f} ({figures['codes_used']}/"
+          f"{model_config.n_embed}); bf16 token agreement {figures['bf16_token_agreement']:.4f}; "
+          f"{result['train_minutes']} min for {steps} steps (load average {result['load_average_1min']})")
+    if args.copy_to:
+        model.save_pretrained(args.copy_to)
+        print(f"saved the model to {args.copy_to}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

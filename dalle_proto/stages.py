@@ -1,0 +1,124 @@
+"""The training stages behind `dalle-proto train-text-tokenizer | train-image-tokenizer | encode | train`.
+
+Each stage takes the run config and reads what earlier stages wrote under `out_dir`:
+
+    out_dir/text_tokenizer/            tokenizer.json
+    out_dir/image_tokenizer/           config.json + model.safetensors
+    out_dir/image_tokenizer_training/  checkpoints, logs, reconstruction grids (resumable)
+    out_dir/token_cache/{train,eval}/  image tokens (memory-mapped) + captions
+    out_dir/transformer_training/      checkpoints, logs, sample grids (resumable)
+    out_dir/transformer/               config.json + model.safetensors (EMA weights)
+
+Re-running a stage resumes it from its last checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import IterableDataset, Subset
+from tqdm.auto import tqdm
+
+from .config import config_to_yaml
+from .datasets import build_dataset
+from .pretrained import atomic_write_bytes
+from .run_config import RunConfig
+
+
+def _has_eval_split(config: RunConfig) -> bool:
+    return config.data.kind == "shapes"
+
+
+def _save_run_config(config: RunConfig, stage: str) -> None:
+    atomic_write_bytes(config.out / f"{stage}.config.yaml", config_to_yaml(config).encode())
+
+
+def _captions(dataset) -> list[str]:
+    if isinstance(dataset, IterableDataset):
+        return [caption for _, caption in tqdm(dataset, desc="reading captions", unit="item")]
+    return [c for i in tqdm(range(len(dataset)), desc="reading captions", unit="item")
+            for c in dataset.captions(i)]
+
+
+def _train_eval_datasets(config: RunConfig):
+    """The train and eval data sets; without an eval split, the last `eval_count` items are held out."""
+    train = build_dataset(config.data, "train")
+    if _has_eval_split(config):
+        return train, build_dataset(config.data, "eval")
+    if isinstance(train, IterableDataset):
+        raise ValueError(f"data.kind={config.data.kind!r} streams its items; write it to a folder "
+                         "first to train the image tokenizer, which needs a held-out eval set")
+    n_eval = min(config.data.eval_count, max(1, len(train) // 10))
+    return Subset(train, range(len(train) - n_eval)), Subset(train, range(len(train) - n_eval, len(train)))
+
+
+def image_tokenizer_folder(config: RunConfig) -> Path:
+    return Path(config.image_tokenizer_path) if config.image_tokenizer_path else config.out / "image_tokenizer"
+
+
+def train_text_tokenizer(config: RunConfig):
+    from .text_tokenizer import train_text_tokenizer as train
+
+    _save_run_config(config, "train_text_tokenizer")
+    captions = _captions(build_dataset(config.data, "train"))
+    tokenizer = train(captions, config.text_tokenizer, config.out / "text_tokenizer")
+    print(f"text tokenizer: {tokenizer.vocab_size} BPE ids + {tokenizer.text_len} pads, trained on "
+          f"{len(captions)} captions -> {config.out / 'text_tokenizer'}")
+    return tokenizer
+
+
+def train_image_tokenizer(config: RunConfig):
+    from .image_tokenizer_training import train_image_tokenizer as train
+
+    if config.image_tokenizer_path:
+        raise ValueError(f"image_tokenizer_path={config.image_tokenizer_path!r} is set, so this run uses "
+                         "that saved image tokenizer; unset it to train one")
+    _save_run_config(config, "train_image_tokenizer")
+    train_set, eval_set = _train_eval_datasets(config)
+    model = train(config.image_tokenizer, config.image_tokenizer_training, train_set, eval_set,
+                  config.out / "image_tokenizer_training")
+    model.save_pretrained(config.out / "image_tokenizer")
+    print(f"image tokenizer -> {config.out / 'image_tokenizer'}")
+    return model
+
+
+def encode(config: RunConfig) -> list[Path]:
+    from .image_tokenizer import ImageTokenizer
+    from .token_cache import encode_to_cache
+
+    image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
+    if image_tokenizer.config.resolution != config.data.image_size:
+        raise ValueError(f"the image tokenizer in {image_tokenizer_folder(config)} was built for "
+                         f"{image_tokenizer.config.resolution} px images, but data.image_size is "
+                         f"{config.data.image_size}")
+    splits = ["train", "eval"] if _has_eval_split(config) else ["train"]
+    written = []
+    for split in splits:
+        out = config.out / "token_cache" / split
+        if (out / "meta.json").is_file():
+            print(f"token cache {out} exists; delete it to encode again")
+        else:
+            encode_to_cache(image_tokenizer, build_dataset(config.data, split), out)
+        written.append(out)
+    return written
+
+
+def train(config: RunConfig):
+    from .image_tokenizer import ImageTokenizer
+    from .text_tokenizer import TextTokenizer
+    from .token_cache import TokenCache
+    from .transformer_training import train_transformer
+
+    text_tokenizer = TextTokenizer.from_pretrained(config.out / "text_tokenizer")
+    train_cache = TokenCache(config.out / "token_cache" / "train", seed=config.training.seed)
+    eval_folder = config.out / "token_cache" / "eval"
+    val_cache = TokenCache(eval_folder, seed=config.training.seed) if eval_folder.is_dir() else None
+    transformer_config = config.transformer.to_transformer_config(
+        text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,
+        image_vocab_size=train_cache.codebook_size, image_grid=train_cache.grid_size)
+    _save_run_config(config, "train")
+    image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
+    model = train_transformer(transformer_config, config.training, text_tokenizer, train_cache, val_cache,
+                              config.out / "transformer_training", image_tokenizer=image_tokenizer)
+    model.save_pretrained(config.out / "transformer")
+    print(f"transformer -> {config.out / 'transformer'}")
+    return model

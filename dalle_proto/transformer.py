@@ -1,0 +1,360 @@
+"""The DALL·E transformer: one decoder-only GPT over text tokens followed by image tokens.
+
+Sequence layout (no BOS token). With T = text_len and N = image_grid**2:
+
+    input  = text[0 .. T-1] + image[0 .. N-2]           (T + N - 1 positions)
+    target = text[1 .. T-1] + image[0 .. N-1]
+
+Text positions 0..T-2 predict the next text id (text head, V + T classes: BPE ids and the
+per-position pads), text position T-1 predicts image token 0, and image position j predicts image
+token j + 1 (image head, image vocabulary only). So forward returns text logits (B, T-1, V+T) and
+image logits (B, N, Vi). The first text token is never predicted; the null text used for
+classifier-free guidance is all pads, ids V + arange(T) (`null_text_ids`).
+
+Attention: text -> text causal, every image token sees all text, image -> image per layer by the
+paper's sparse masks (`attention_masks.py`). Pre-LayerNorm blocks (optionally CogView's sandwich
+LN), GELU MLP, GPT-2 init. The KV-cache entry points used by `sampling.py` are `prefill_text` and
+`decode_image_token`; they share every weight and mask with `forward`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_proto.attention_masks import (ATTENTION_MODES, block_layout, layer_attention_kinds,
+                                         sequence_mask)
+from dalle_proto.pretrained import load_component, load_state_dict_strict, save_component
+
+
+@dataclass
+class TransformerConfig:
+    text_vocab_size: int = 1024  # BPE vocabulary V, without the per-position pads
+    text_len: int = 64  # T
+    image_vocab_size: int = 512
+    image_grid: int = 16  # image tokens form an image_grid x image_grid raster
+    dim: int = 256
+    depth: int = 8
+    heads: int = 8
+    head_dim: int = 32
+    mlp_ratio: float = 4.0
+    attention: str = "sparse"  # "sparse": the paper's row/column/conv layers; "full": causal;
+    # "row" / "column" / "conv": that mask in every layer
+    conv_kernel: int = 11
+    dropout: float = 0.0
+    text_loss_weight: float = 1 / 8
+    image_loss_weight: float = 7 / 8
+    tie_embeddings: bool = False  # output heads share the input embedding tables
+    sandwich_norm: bool = False  # CogView: LayerNorm also on each sublayer's output
+
+    def __post_init__(self):
+        for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "dim", "depth",
+                     "heads", "head_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"TransformerConfig.attention must be one of {ATTENTION_MODES}, "
+                             f"got {self.attention!r}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"TransformerConfig.conv_kernel must be odd and >= 1, got {self.conv_kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def text_total_vocab(self) -> int:
+        """Text classes: V BPE ids + one pad id per text position."""
+        return self.text_vocab_size + self.text_len
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid * self.image_grid
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "TransformerConfig":
+        if name not in SIZES:
+            raise ValueError(f"unknown transformer size {name!r}; valid sizes: {sorted(SIZES)}")
+        return cls(**{**SIZES[name], **overrides})
+
+
+SIZES: dict[str, dict] = {
+    # unit tests and notebooks: seconds on a CPU
+    "tiny": dict(dim=64, depth=2, heads=2, head_dim=32, text_len=16, text_vocab_size=256,
+                 image_grid=8, image_vocab_size=256),
+    # the peer benchmark configuration (dalle-pytorch / peer/README.md)
+    "peer": dict(dim=256, depth=8, heads=8, head_dim=32, text_len=64, text_vocab_size=1024,
+                 image_grid=16, image_vocab_size=512),
+    "small": dict(dim=512, depth=12, heads=8, head_dim=64, text_len=64, text_vocab_size=4096,
+                  image_grid=16, image_vocab_size=1024),
+    "base": dict(dim=1024, depth=24, heads=16, head_dim=64, text_len=128, text_vocab_size=16384,
+                 image_grid=32, image_vocab_size=8192),
+    # the paper: 64 layers, 62 heads x 64, d_model 3968, 256 text tokens over 16384 BPE ids,
+    # 32x32 image tokens over 8192 codes. The paper does not say whether its output heads share the
+    # input embeddings; tied, the count is 12.20B ("about 12B"), untied 12.29B.
+    "paper-12b": dict(dim=3968, depth=64, heads=62, head_dim=64, text_len=256, text_vocab_size=16384,
+                      image_grid=32, image_vocab_size=8192, tie_embeddings=True),
+}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention under one layer's mask kind (fused QKV projection)."""
+
+    def __init__(self, config: TransformerConfig, kind: str):
+        super().__init__()
+        self.kind, self.heads, self.head_dim = kind, config.heads, config.head_dim
+        inner = config.heads * config.head_dim
+        self.qkv = nn.Linear(config.dim, 3 * inner)
+        self.out = nn.Linear(inner, config.dim)
+        self.dropout = config.dropout
+
+    def _split(self, x: torch.Tensor):  # (B, L, D) -> 3 x (B, H, L, dh)
+        b, n, _ = x.shape
+        return self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def _merge(self, o: torch.Tensor) -> torch.Tensor:  # (B, H, L, dh) -> (B, L, D)
+        b, h, n, d = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, T+N, D)
+        q, k, v = self._split(x)  # (B, H, T+N, dh)
+        p = self.dropout if self.training else 0.0
+        if self.kind == "full":  # the sequence mask of "full" is exactly plain causal attention
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        elif masks["dense"]:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
+        else:
+            o = block_sparse_attention(q, k, v, masks[f"{self.kind}_keys"], masks[f"{self.kind}_key_mask"],
+                                       transposed=self.kind == "column", dropout_p=p)
+        return self._merge(o)
+
+    def step(self, x: torch.Tensor, cache, pos: int, masks: dict) -> torch.Tensor:
+        q, k, v = self._split(x)  # (B, H, n, dh)
+        end = pos + x.shape[1]
+        k_cache, v_cache = cache
+        k_cache[:, :, pos:end] = k
+        v_cache[:, :, pos:end] = v
+        o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                           attn_mask=masks[self.kind][pos:end, :end])
+        return self._merge(o)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
+                           key_mask: torch.Tensor, transposed: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention over the whole text + image sequence that only computes the blocks a sparse mask
+    can reach (layout from `attention_masks.block_layout`). q, k, v: (B, H, T+N, dh), N = g*g.
+
+    Text queries: causal attention over the text. Image queries: `g` blocks of g queries (image
+    rows, or columns when `transposed`), each attending to the text plus its own window of image
+    keys; one batched SDPA call with the blocks as an extra batch dimension.
+    """
+    b, h, length, d = q.shape
+    g, g_, n_keys = key_mask.shape
+    t = length - g * g
+    text_out = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True,
+                                              dropout_p=dropout_p)  # (B, H, T, dh)
+    qi = q[:, :, t:].reshape(b * h, g, g, d)  # (BH, blocks, g, dh) in raster order: blocks = rows
+    if transposed:
+        qi = qi.transpose(1, 2)  # blocks = columns
+    flat = key_index.reshape(-1)  # (g * K,)
+    ki = k.reshape(b * h, length, d).index_select(1, flat).view(b * h, g, n_keys, d)  # (BH, g, K, dh)
+    vi = v.reshape(b * h, length, d).index_select(1, flat).view(b * h, g, n_keys, d)
+    image_out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=key_mask,
+                                               dropout_p=dropout_p)  # (BH, blocks, g, dh)
+    if transposed:
+        image_out = image_out.transpose(1, 2)
+    image_out = image_out.reshape(b, h, g * g, d)
+    return torch.cat([text_out, image_out], dim=2)  # (B, H, T+N, dh)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        hidden = int(config.dim * config.mlp_ratio)
+        self.fc = nn.Linear(config.dim, hidden)
+        self.proj = nn.Linear(hidden, config.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm_attn = nn.LayerNorm(config.dim)
+        self.attn = SelfAttention(config, kind)
+        self.norm_mlp = nn.LayerNorm(config.dim)
+        self.mlp = MLP(config)
+        self.post_attn = nn.LayerNorm(config.dim) if config.sandwich_norm else nn.Identity()
+        self.post_mlp = nn.LayerNorm(config.dim) if config.sandwich_norm else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, L, D)
+        x = x + self.dropout(self.post_attn(self.attn(self.norm_attn(x), masks)))
+        return x + self.dropout(self.post_mlp(self.mlp(self.norm_mlp(x))))
+
+    def step(self, x: torch.Tensor, cache, pos: int, masks: dict) -> torch.Tensor:
+        """KV-cache forward of positions pos .. pos + x.shape[1] - 1 (no dropout: inference)."""
+        x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, pos, masks))
+        return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
+
+
+class DalleTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = c = config
+        self.text_embedding = nn.Embedding(c.text_total_vocab, c.dim)
+        self.text_position = nn.Parameter(torch.zeros(c.text_len, c.dim))
+        self.image_embedding = nn.Embedding(c.image_vocab_size, c.dim)
+        self.image_row = nn.Parameter(torch.zeros(c.image_grid, c.dim))
+        self.image_column = nn.Parameter(torch.zeros(c.image_grid, c.dim))
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.kinds = layer_attention_kinds(c.depth, c.attention)
+        self.blocks = nn.ModuleList(Block(c, kind) for kind in self.kinds)
+        self.final_norm = nn.LayerNorm(c.dim)
+        self.text_head = nn.Linear(c.dim, c.text_total_vocab, bias=False)
+        self.image_head = nn.Linear(c.dim, c.image_vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.text_head.weight = self.text_embedding.weight
+            self.image_head.weight = self.image_embedding.weight
+        # masks and block layouts per kind in use, built once; not saved (pure functions of config)
+        self._dense = False
+        for kind in sorted(set(self.kinds)):
+            self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid,
+                                                               c.conv_kernel), persistent=False)
+            layout = block_layout(kind, c.text_len, c.image_grid, c.conv_kernel)
+            if layout is not None:
+                self.register_buffer(f"mask_{kind}_keys", layout[1], persistent=False)
+                self.register_buffer(f"mask_{kind}_key_mask", layout[2], persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.proj.weight")):  # GPT-2: scale residual writes
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.depth))
+        for p in (self.text_position, self.image_row, self.image_column):
+            nn.init.normal_(p, mean=0.0, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def masks(self) -> dict:
+        """Mask buffers by name ("row", "row_keys", "row_key_mask", ...), plus the "dense" switch."""
+        found = {name[len("mask_"):]: buf for name, buf in self.named_buffers() if name.startswith("mask_")}
+        return {**found, "dense": self._dense}
+
+    @contextlib.contextmanager
+    def dense_attention(self):
+        """Within this block, attention uses plain masked SDPA over the whole sequence instead of
+        the block-sparse fast path (same result; a reference for tests)."""
+        previous, self._dense = self._dense, True
+        try:
+            yield self
+        finally:
+            self._dense = previous
+
+    def null_text_ids(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, T) all-pad text (ids V + i): the empty caption, the null condition for guidance."""
+        c = self.config
+        ids = torch.arange(c.text_vocab_size, c.text_total_vocab, device=device)
+        return ids.unsqueeze(0).expand(batch, -1).clone()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_ids(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None) -> None:
+        c = self.config
+        if text_ids.dim() != 2 or text_ids.shape[1] != c.text_len:
+            raise ValueError(f"text_ids must have shape (B, {c.text_len}), got {tuple(text_ids.shape)}")
+        if image_ids is not None and (image_ids.dim() != 2 or image_ids.shape[1] != c.image_len
+                                      or image_ids.shape[0] != text_ids.shape[0]):
+            raise ValueError(f"image_ids must have shape ({text_ids.shape[0]}, {c.image_len}) "
+                             f"(image_grid {c.image_grid}**2), got {tuple(image_ids.shape)}")
+
+    def _embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        return self.text_embedding(text_ids) + self.text_position
+
+    def _image_position(self) -> torch.Tensor:  # (N, D): row embedding + column embedding
+        g = self.config.image_grid
+        return (self.image_row[:, None, :] + self.image_column[None, :, :]).reshape(g * g, -1)
+
+    # ---- training / scoring ------------------------------------------------------------------
+    def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_ids (B, T), image_ids (B, N) -> text logits (B, T-1, V+T), image logits (B, N, Vi)."""
+        self._check_ids(text_ids, image_ids)
+        c = self.config
+        # The last image token is only a target, but running it through too (its output is dropped,
+        # attention is causal) keeps every image row/column block complete for block-sparse attention.
+        x = torch.cat([self._embed_text(text_ids),
+                       self.image_embedding(image_ids) + self._image_position()], dim=1)  # (B, T+N, D)
+        x = self.embed_dropout(x)
+        masks = self.masks()
+        for block in self.blocks:
+            x = block(x, masks)
+        x = self.final_norm(x)
+        text_logits = self.text_head(x[:, : c.text_len - 1])  # (B, T-1, V+T)
+        image_logits = self.image_head(x[:, c.text_len - 1: -1])  # (B, N, Vi)
+        return text_logits, image_logits
+
+    def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Weighted text + image cross-entropy; each averaged over its own tokens (paper: 1/8, 7/8)."""
+        text_logits, image_logits = self(text_ids, image_ids)
+        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text_ids[:, 1:].flatten())
+        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image_ids.flatten())
+        c = self.config
+        loss = c.text_loss_weight * text_loss + c.image_loss_weight * image_loss
+        return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
+
+    # ---- KV-cache generation (see sampling.py) -----------------------------------------------
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Preallocated per-layer (K, V) tensors (B, H, T+N, head_dim), written in place."""
+        c = self.config
+        ref = self.image_head.weight
+        shape = (batch, c.heads, c.text_len + c.image_len, c.head_dim)
+        kw = dict(dtype=dtype or ref.dtype, device=device or ref.device)
+        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.blocks]
+
+    def prefill_text(self, text_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run the text through every layer, filling the cache; -> logits (B, Vi) for image token 0."""
+        self._check_ids(text_ids, None)
+        x = self._embed_text(text_ids)  # (B, T, D)
+        masks = self.masks()
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block.step(x, layer_cache, 0, masks)
+        return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
+
+    def decode_image_token(self, image_token: torch.Tensor, index: int, cache) -> torch.Tensor:
+        """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1."""
+        c = self.config
+        g = c.image_grid
+        pos_emb = self.image_row[index // g] + self.image_column[index % g]  # (D,)
+        x = (self.image_embedding(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
+        masks = self.masks()
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block.step(x, layer_cache, c.text_len + index, masks)
+        return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None):
+        state = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:  # safetensors refuses shared storage; heads are re-tied on load
+            state.pop("text_head.weight"), state.pop("image_head.weight")
+        return save_component(folder, self.config, state, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "DalleTransformer":
+        config, state = load_component(folder, TransformerConfig)
+        model = cls(config)
+        if config.tie_embeddings:
+            state = {**state, "text_head.weight": state["text_embedding.weight"],
+                     "image_head.weight": state["image_embedding.weight"]}
+        load_state_dict_strict(model, state, source=str(folder))
+        return model

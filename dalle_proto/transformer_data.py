@@ -1,0 +1,188 @@
+"""Batches for transformer training: token cache -> {"text_ids" (B, T), "image_ids" (B, N)}.
+
+Everything random here is a pure function of (seed, global step, slot in the global batch), never
+of process history, so a run resumed from a checkpoint at step s sees exactly the batches an
+uninterrupted run sees from step s on, whatever the number of data-loader workers:
+
+- order: batch s holds positions [s * G, (s + 1) * G) of an endless stream made of one seeded
+  permutation of the training indices per pass (G = batch size x world size); rank r takes slice r.
+- caption dropout: per sample, a coin from a generator seeded by (seed, step, slot); a dropped
+  caption becomes the null text (all per-position pads), the unconditional input that
+  classifier-free guidance needs at sampling time.
+- BPE dropout: `TextTokenizer` in train mode (HF `tokenizers`). Its dropout draws from the library's
+  own thread RNG, which cannot be seeded, so with bpe_dropout > 0 the text ids (and therefore the
+  run) are not bit-reproducible; with bpe_dropout = 0 (and for validation, always eval mode) they are.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# separate random streams per purpose, so adding one never shifts another
+_ORDER, _CAPTION_DROPOUT, _DROPOUT = 0, 1, 2
+
+
+def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
+    """A generator that depends only on its arguments (SeedSequence mixes them well)."""
+    return np.random.default_rng([seed, step, slot, purpose])
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A torch seed for the model's own randomness (dropout) at one training step on one rank."""
+    return int(step_rng(seed, step, rank, _DROPOUT).integers(0, 2**62))
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out a seeded random `val_fraction` of 0..n-1 (at least one sample) -> (train, val)."""
+    if n < 2:
+        raise ValueError(f"a token cache of {n} sample(s) cannot be split into train and validation; "
+                         "pass a separate val_cache or set val_fraction=0")
+    order = np.random.default_rng([seed, _ORDER, n]).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+class StepBatchSampler:
+    """Yields, for each training step from `start_step()` to `total_steps - 1`, this rank's batch as
+    keys (step, slot, dataset index, pass); `slot` is the sample's place in the global batch and
+    `pass` counts the passes over the data (the token cache's epoch, for its caption picks)."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, total_steps: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_step: Callable[[], int] = lambda: 0):
+        if len(indices) == 0:
+            raise ValueError("StepBatchSampler: no training samples")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.total_steps, self.seed = batch_size, total_steps, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_step = start_step
+        self._pass, self._permutation = -1, None
+
+    def __len__(self) -> int:
+        # Lightning sizes the (single) epoch and the progress bar's ETA with this
+        return self.total_steps
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step(), self.total_steps):
+            slots = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            yield [(step, slot, *self.index_at(step * global_batch + slot)) for slot in slots]
+
+    def index_at(self, position: int) -> tuple[int, int]:
+        """(dataset index, pass) at `position` of the endless stream of seeded permutations."""
+        n = len(self.indices)
+        pass_number, offset = divmod(position, n)
+        if pass_number != self._pass:
+            self._pass = pass_number
+            self._permutation = np.random.default_rng([self.seed, _ORDER, pass_number]).permutation(n)
+        return int(self.indices[self._permutation[offset]]), pass_number
+
+
+class FixedBatchSampler:
+    """Validation: consecutive batches of `indices` in order; rank r takes batches r, r + W, ...,
+    at most `max_batches` of them."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, max_batches: int, rank: int = 0,
+                 world_size: int = 1):
+        starts = range(rank * batch_size, len(indices), world_size * batch_size)[:max_batches]
+        self.batches = [list(indices[i:i + batch_size]) for i in starts]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(0, slot, index, 0) for slot, index in enumerate(batch)]
+
+
+class KeyedDataset(Dataset):
+    """Wraps a token cache so that a key (step, slot, index, pass) returns the sample with its step
+    and slot. A cache with several captions per image picks one as a function of its epoch, which
+    is set to the pass here, so each pass over the data draws fresh picks, reproducibly."""
+
+    def __init__(self, cache: Dataset):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[int, int, torch.Tensor, str]:
+        step, slot, index, pass_number = key
+        if hasattr(self.cache, "set_epoch"):
+            self.cache.set_epoch(pass_number)
+        image_ids, caption = self.cache[index]
+        return step, slot, torch.as_tensor(image_ids), caption
+
+
+class CaptionCollate:
+    """Samples -> {"text_ids": (B, T), "image_ids": (B, N)}; tokenises the captions here, in the
+    data pipeline (and so in the workers), with BPE dropout and caption dropout when `train`."""
+
+    def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int):
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.text_tokenizer, self.train = text_tokenizer, train
+        self.caption_dropout, self.seed = caption_dropout, seed
+        self.null_ids = torch.arange(text_tokenizer.vocab_size, text_tokenizer.total_vocab_size)  # (T,)
+
+    def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+        steps, slots, images, captions = zip(*samples)
+        # the mode is set on every call: train and validation batches may share one tokenizer object
+        text_ids = self.text_tokenizer.train(self.train).encode(list(captions))  # (B, T)
+        if self.train and self.caption_dropout > 0:
+            drop = torch.tensor([self.drops_caption(step, slot) for step, slot in zip(steps, slots)])
+            text_ids[drop] = self.null_ids
+        image_ids = torch.stack(images).long().flatten(1)  # (B, h*w), raster order
+        return {"text_ids": text_ids, "image_ids": image_ids}
+
+    def drops_caption(self, step: int, slot: int) -> bool:
+        return bool(step_rng(self.seed, step, slot, _CAPTION_DROPOUT).random() < self.caption_dropout)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a `StepBatchSampler`. Its position is the trainer's restored global step,
+    read when iteration starts, so there is nothing to restore; the state_dict methods tell
+    Lightning so (otherwise it warns that a mid-epoch resume is unreliable)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_step": int(self.batch_sampler.start_step())}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass  # the sampler reads the restored global step itself
+
+
+class TokenCacheBatches(pl.LightningDataModule):
+    """Training and validation loaders over token caches; built when the trainer knows its rank."""
+
+    def __init__(self, text_tokenizer: Any, train_cache: Dataset, train_indices: Sequence[int],
+                 val_cache: Dataset | None, val_indices: Sequence[int], *, batch_size: int, steps: int,
+                 seed: int, caption_dropout: float, val_batches: int, num_workers: int):
+        super().__init__()
+        self.text_tokenizer = text_tokenizer
+        self.train_cache, self.train_indices = train_cache, list(train_indices)
+        self.val_cache, self.val_indices = val_cache, list(val_indices)
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        self.caption_dropout, self.val_batches, self.num_workers = caption_dropout, val_batches, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = StepBatchSampler(self.train_indices, self.batch_size, self.steps, self.seed,
+                                   trainer.global_rank, trainer.world_size,
+                                   start_step=lambda: trainer.global_step)  # restored before iteration
+        return ResumableDataLoader(
+            KeyedDataset(self.train_cache), batch_sampler=sampler, num_workers=self.num_workers,
+            collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed),
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_cache is None or not self.val_indices or self.val_batches == 0:
+            return []
+        trainer = self.trainer
+        sampler = FixedBatchSampler(self.val_indices, self.batch_size, self.val_batches,
+                                    trainer.global_rank, trainer.world_size)
+        return DataLoader(KeyedDataset(self.val_cache), batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed),
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)

@@ -1,0 +1,58 @@
+"""The CLI chains every training stage through one run config (configs/tiny.yaml)."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dalle_proto.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"data", "config", "train-text-tokenizer", "train-image-tokenizer", "encode", "train"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: dalle-proto" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_a_clear_error():
+    with pytest.raises(SystemExit) as e:
+        main(["config", "--config", TINY, "transformer.depht=3"])
+    assert "transformer.depht" in str(e.value) and "'depth'" in str(e.value)
+
+
+def test_config_prints_resolved_values(capsys):
+    main(["config", "--config", TINY, "transformer.depth=3"])
+    out = capsys.readouterr().out
+    assert "depth: 3" in out and "size: tiny" in out
+
+
+def test_data_shapes_writes_triplets(tmp_path):
+    main(["data", "shapes", "--out", str(tmp_path), "--count", "3", "--split", "eval", "--size", "48"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{i:06d}.{ext}" for i in range(3) for ext in ("json", "png", "txt")]
+    assert Image.open(tmp_path / "000002.png").size == (48, 48)
+    assert json.loads((tmp_path / "000000.json").read_text())["split"] == "eval"
+
+
+@pytest.mark.slow
+def test_training_stages_chain_from_one_config(tmp_path):
+    out = tmp_path / "run"
+    for stage in ("train-text-tokenizer", "train-image-tokenizer", "encode", "train"):
+        main([stage, "--config", TINY, f"out_dir={out}"])
+    for folder in ("text_tokenizer", "image_tokenizer", "transformer"):
+        assert any((out / folder).iterdir()), folder
+    assert (out / "token_cache" / "train" / "meta.json").is_file()
+    assert (out / "token_cache" / "eval" / "meta.json").is_file()
+    assert list((out / "transformer_training" / "samples").glob("*.png"))
+    transformer_config = json.loads((out / "transformer" / "config.json").read_text())
+    tokenizer_json = json.loads((out / "text_tokenizer" / "tokenizer.json").read_text())
+    assert transformer_config["text_vocab_size"] == len(tokenizer_json["model"]["vocab"])
+    assert transformer_config["image_vocab_size"] == 64 and transformer_config["image_grid"] == 16

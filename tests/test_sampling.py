@@ -1,0 +1,118 @@
+"""KV-cache sampling: exact agreement with full forwards, guidance, determinism, filters, rerank."""
+import pytest
+import torch
+
+from dalle_proto.attention_masks import MASK_KINDS
+from dalle_proto.sampling import (filter_logits, generate_image_tokens,
+                                  generate_image_tokens_with_logits)
+from dalle_proto.transformer import DalleTransformer, TransformerConfig
+
+
+def make_model(attention="sparse", seed=0, **overrides) -> DalleTransformer:
+    torch.manual_seed(seed)
+    values = dict(text_vocab_size=50, text_len=5, image_vocab_size=40, image_grid=4, dim=32, depth=3,
+                  heads=2, head_dim=16, conv_kernel=3, attention=attention)
+    model = DalleTransformer(TransformerConfig(**{**values, **overrides})).eval()
+    # larger-than-init weights so that logits differ clearly between positions and texts
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def text_batch(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.text_vocab_size, (batch, model.config.text_len), generator=g)
+
+
+@pytest.mark.parametrize("attention", ["sparse"] + list(MASK_KINDS))
+def test_kv_cache_logits_equal_full_forward(attention):
+    model = make_model(attention)
+    text = text_batch(model)
+    tokens, logits = generate_image_tokens_with_logits(model, text, seed=0)
+    assert tokens.shape == (2, 4, 4)
+    with torch.no_grad():
+        _, full = model(text, tokens.flatten(1))  # (B, N, Vi)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["sparse", "full"])
+def test_kv_cache_guided_logits_equal_two_full_forwards(attention):
+    model = make_model(attention)
+    text = text_batch(model)
+    scale = 3.0
+    tokens, logits = generate_image_tokens_with_logits(model, text, cfg_scale=scale, seed=1)
+    with torch.no_grad():
+        _, cond = model(text, tokens.flatten(1))
+        _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
+    torch.testing.assert_close(logits, uncond + scale * (cond - uncond), atol=1e-5, rtol=0)
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # guidance is not a no-op here
+
+
+def test_same_seed_same_tokens_and_different_seed_different_tokens():
+    model = make_model()
+    text = text_batch(model, batch=3)
+    a = generate_image_tokens(model, text, seed=123, top_p=0.95)
+    b = generate_image_tokens(model, text, generator=torch.Generator().manual_seed(123), top_p=0.95)
+    c = generate_image_tokens(model, text, seed=124, top_p=0.95)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="either generator or seed"):
+        generate_image_tokens(model, text, seed=1, generator=torch.Generator())
+
+
+def test_top_k_1_is_greedy_argmax_of_the_full_forward():
+    model = make_model()
+    text = text_batch(model)
+    tokens = generate_image_tokens(model, text, top_k=1, seed=0)
+    with torch.no_grad():
+        _, full = model(text, tokens.flatten(1))
+    assert torch.equal(full.argmax(-1), tokens.flatten(1))
+    assert torch.equal(generate_image_tokens(model, text, temperature=0.0), tokens)
+
+
+def test_sampled_tokens_stay_in_image_vocab_and_batches_are_independent():
+    model = make_model()
+    text = text_batch(model, batch=4)
+    tokens = generate_image_tokens(model, text, seed=5, num_images_per_text=3)
+    assert tokens.shape == (12, 4, 4) and tokens.dtype == torch.long
+    assert tokens.min() >= 0 and tokens.max() < model.config.image_vocab_size
+    # greedy decoding of one caption alone equals its rows within a batch
+    greedy_batch = generate_image_tokens(model, text, temperature=0.0)
+    greedy_one = generate_image_tokens(model, text[2:3], temperature=0.0)
+    assert torch.equal(greedy_batch[2:3], greedy_one)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    kept = torch.isfinite(filter_logits(logits, top_p=0.1))[0].tolist()
+    assert kept == [True, False, False, False]  # the best token always survives
+
+
+def test_rerank_picks_the_best_candidate_per_caption():
+    model = make_model()
+    text = text_batch(model, batch=2)
+    k = 4
+    candidates = generate_image_tokens(model, text, seed=9, num_images_per_text=k)
+    calls = []
+
+    def rerank(text_ids, image_ids):
+        calls.append((text_ids.shape, image_ids.shape))
+        return image_ids.flatten(1).sum(1).float()  # prefer the candidate with the largest id sum
+
+    best = generate_image_tokens(model, text, seed=9, num_images_per_text=k, rerank=rerank)
+    assert calls == [(torch.Size([8, 5]), torch.Size([8, 4, 4]))]
+    assert best.shape == (2, 4, 4)
+    sums = candidates.flatten(1).sum(1).view(2, k)
+    for i in range(2):
+        assert torch.equal(best[i], candidates[i * k + sums[i].argmax()])
+
+
+def test_sampling_restores_training_mode():
+    model = make_model().train()
+    generate_image_tokens(model, text_batch(model), temperature=0.0)
+    assert model.training

@@ -1,0 +1,153 @@
+"""DalleTransformer: shapes, causality under every mask kind, loss, overfitting, sizes, save/load."""
+import pytest
+import torch
+
+from dalle_proto.attention_masks import MASK_KINDS
+from dalle_proto.transformer import SIZES, DalleTransformer, TransformerConfig
+
+
+def small_config(**overrides) -> TransformerConfig:
+    values = dict(text_vocab_size=50, text_len=5, image_vocab_size=40, image_grid=4, dim=32, depth=3,
+                  heads=2, head_dim=16, conv_kernel=3)
+    return TransformerConfig(**{**values, **overrides})
+
+
+def random_batch(config: TransformerConfig, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, config.text_total_vocab, (batch, config.text_len), generator=g)
+    image = torch.randint(0, config.image_vocab_size, (batch, config.image_len), generator=g)
+    return text, image
+
+
+def test_forward_shapes_and_loss_parts():
+    c = small_config()
+    model = DalleTransformer(c)
+    text, image = random_batch(c, batch=3)
+    text_logits, image_logits = model(text, image)
+    assert text_logits.shape == (3, c.text_len - 1, c.text_vocab_size + c.text_len)
+    assert image_logits.shape == (3, c.image_len, c.image_vocab_size)
+    loss, parts = model.loss(text, image)
+    assert set(parts) == {"text_loss", "image_loss"}
+    expected = c.text_loss_weight * parts["text_loss"] + c.image_loss_weight * parts["image_loss"]
+    assert torch.allclose(loss, expected)
+    # fresh GPT-2 init: near-uniform predictions
+    assert abs(parts["image_loss"].item() - torch.log(torch.tensor(40.0)).item()) < 0.3
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_weights_are_configurable():
+    c = small_config(text_loss_weight=1.0, image_loss_weight=0.0)
+    model = DalleTransformer(c)
+    text, image = random_batch(c)
+    loss, parts = model.loss(text, image)
+    assert torch.allclose(loss, parts["text_loss"])
+
+
+@pytest.mark.parametrize("attention", ["sparse"] + list(MASK_KINDS))
+def test_perturbing_a_later_token_never_changes_earlier_logits(attention):
+    c = small_config(attention=attention)
+    model = DalleTransformer(c).eval()
+    text, image = random_batch(c, batch=1)
+    text_logits, image_logits = model(text, image)
+    # change text token 3: text predictions from positions 0..2 must not move
+    text2 = text.clone()
+    text2[0, 3] = (text2[0, 3] + 1) % c.text_total_vocab
+    t2, i2 = model(text2, image)
+    assert torch.equal(t2[:, :3], text_logits[:, :3])
+    assert not torch.allclose(i2, image_logits)  # image tokens do see the whole text
+    # change image token j: logits predicting image tokens 0..j must not move, later ones must
+    for j in (0, 5, 10):
+        image2 = image.clone()
+        image2[0, j] = (image2[0, j] + 1) % c.image_vocab_size
+        t3, i3 = model(text, image2)
+        assert torch.equal(t3, text_logits)
+        assert torch.equal(i3[:, : j + 1], image_logits[:, : j + 1])
+        assert not torch.allclose(i3[:, j + 1], image_logits[:, j + 1])  # every mask sees itself
+
+
+def test_fast_block_sparse_path_equals_dense_masked_attention():
+    c = small_config(image_grid=5, depth=4)
+    model = DalleTransformer(c).eval()
+    text, image = random_batch(c, batch=2)
+    fast = model(text, image)
+    with model.dense_attention():
+        dense = model(text, image)
+    for a, b in zip(fast, dense):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    c = small_config(dim=64, depth=2, heads=2, head_dim=32)
+    model = DalleTransformer(c)
+    text, image = random_batch(c, batch=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(300):
+        loss, parts = model.loss(text, image)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05, f"loss {loss.item():.3f} after {step + 1} steps"
+
+
+def test_null_text_is_all_pads():
+    c = small_config()
+    model = DalleTransformer(c)
+    null = model.null_text_ids(3)
+    assert null.shape == (3, 5) and null.dtype == torch.long
+    assert null[1].tolist() == [50, 51, 52, 53, 54]
+
+
+def test_bad_input_shapes_are_named():
+    c = small_config()
+    model = DalleTransformer(c)
+    text, image = random_batch(c)
+    with pytest.raises(ValueError, match=r"text_ids must have shape \(B, 5\)"):
+        model(text[:, :4], image)
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(2, 16\)"):
+        model(text, image[:, :15])
+
+
+def test_sizes_registry_and_unknown_size_error():
+    assert TransformerConfig.from_size("peer").dim == 256
+    c = TransformerConfig.from_size("peer", depth=2)
+    assert c.depth == 2 and c.heads == 8 and c.head_dim == 32
+    with pytest.raises(ValueError, match=r"unknown transformer size 'huge'; valid sizes: .*'paper-12b'"):
+        TransformerConfig.from_size("huge")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TransformerConfig(attention="axial")
+    assert {"tiny", "peer", "paper-12b"} <= set(SIZES)
+
+
+def test_paper_12b_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = DalleTransformer(TransformerConfig.from_size("paper-12b"))
+    n = model.num_parameters()
+    print(f"paper-12b parameters: {n:,}")
+    assert abs(n - 12.0e9) / 12.0e9 < 0.02
+    assert model.kinds.count("column") == 16 and model.kinds[-1] == "conv"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_load_round_trip(tmp_path, tie):
+    c = small_config(tie_embeddings=tie, sandwich_norm=True)
+    model = DalleTransformer(c).eval()
+    model.save_pretrained(tmp_path / "transformer")
+    loaded = DalleTransformer.from_pretrained(tmp_path / "transformer").eval()
+    assert loaded.config == c
+    text, image = random_batch(c)
+    for a, b in zip(model(text, image), loaded(text, image)):
+        assert torch.equal(a, b)
+    if tie:
+        assert loaded.image_head.weight is loaded.image_embedding.weight
+
+
+def test_loading_weights_of_another_size_fails_loudly(tmp_path):
+    DalleTransformer(small_config(dim=48)).save_pretrained(tmp_path / "t")
+    config_file = tmp_path / "t" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"dim": 48', '"dim": 32'))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        DalleTransformer.from_pretrained(tmp_path / "t")

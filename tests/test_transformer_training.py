@@ -1,0 +1,244 @@
+"""Transformer training: schedule, parameter groups, batches, a short run's outputs, exact resume."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle_proto.datasets.shapes import ShapesDataset
+from dalle_proto.image_grid import make_image_grid
+from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
+from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
+from dalle_proto.token_cache import TokenCache, encode_to_cache
+from dalle_proto.transformer import DalleTransformer, TransformerConfig
+from dalle_proto.transformer_data import CaptionCollate, StepBatchSampler
+from dalle_proto.transformer_training import (TransformerTrainConfig, lr_at, optimizer_param_groups,
+                                              train_transformer)
+
+
+# ---- a tiny world: 48 shapes scenes at 32 px, a random 8x8-grid image tokenizer, a small BPE ----
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("world")
+    shapes = ShapesDataset(count=48, seed=0, size=32)
+    image_tokenizer = ImageTokenizer(ImageTokenizerConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], z_channels=32,
+                                                          embed_dim=8, n_embed=256)).eval()
+    cache = TokenCache(encode_to_cache(image_tokenizer, shapes, folder / "cache", batch_size=48, progress=False))
+    captions = [shapes[i][1] for i in range(len(shapes))]
+    text_tokenizer = TextTokenizer.from_captions(captions, TextTokenizerConfig(vocab_size=320, text_len=16,
+                                                                               bpe_dropout=0.0))
+    config = TransformerConfig.from_size("tiny", text_vocab_size=text_tokenizer.vocab_size, dropout=0.1)
+    return dict(cache=cache, image_tokenizer=image_tokenizer, text_tokenizer=text_tokenizer, config=config,
+                captions=captions)
+
+
+def fast_config(**overrides) -> TransformerTrainConfig:
+    values = dict(steps=4, batch_size=4, warmup_steps=2, precision="32-true", accelerator="cpu", val_every=2,
+                  val_batches=1, val_fraction=0.1, sample_every=0, checkpoint_every=2, log_every=1, seed=3)
+    return TransformerTrainConfig(**{**values, **overrides})
+
+
+def checkpoint(out_dir: Path) -> dict:
+    return torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def weights(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+def test_lr_warmup_then_schedules():
+    c = TransformerTrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="constant")
+    assert [lr_at(c, s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr_at(c, 10) == lr_at(c, 109) == pytest.approx(1e-3)
+    cosine = TransformerTrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(cosine, 9) == pytest.approx(1e-3)
+    assert lr_at(cosine, 10) == pytest.approx(1e-3)
+    assert lr_at(cosine, 60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway
+    assert lr_at(cosine, 110) == pytest.approx(1e-4)
+    plateau = TransformerTrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="plateau")
+    assert lr_at(plateau, 50, plateau_halvings=2) == pytest.approx(2.5e-4)
+    assert lr_at(TransformerTrainConfig(warmup_steps=0, lr_schedule="constant"), 0) == pytest.approx(4.5e-4)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TransformerTrainConfig(lr_schedule="linear")
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    model = DalleTransformer(TransformerConfig.from_size("tiny"))
+    decay, no_decay = optimizer_param_groups(model, 0.045)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.045 and no_decay["weight_decay"] == 0.0
+    assert decayed == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) for n in [f"{n}.weight"]}
+    assert not any(n.endswith(".bias") or "norm" in n or "embedding" in n or n in ("text_position", "image_row")
+                   for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    tied = DalleTransformer(TransformerConfig.from_size("tiny", tie_embeddings=True))
+    tied_decay = {id(p) for p in optimizer_param_groups(tied, 0.1)[0]["params"]}
+    assert id(tied.text_embedding.weight) not in tied_decay  # a tied head is an embedding table
+
+
+def test_batches_follow_the_step_and_shard_by_rank():
+    one = StepBatchSampler(range(10), batch_size=4, total_steps=6, seed=1)
+    batches = list(one)
+    assert len(batches) == len(one) == 6
+    stream = [index for batch in batches for _, _, index, _ in batch]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))  # passes
+    assert stream[:10] != stream[10:20]  # each pass reshuffles
+    assert [k[3] for k in batches[3]] == [1, 1, 1, 1]  # positions 12..15 are in the second pass
+    resumed = StepBatchSampler(range(10), batch_size=4, total_steps=6, seed=1, start_step=lambda: 4)
+    assert list(resumed) == batches[4:]
+    ranks = [list(StepBatchSampler(range(10), batch_size=2, total_steps=6, seed=1, rank=r, world_size=2))
+             for r in (0, 1)]
+    assert [b0 + b1 for b0, b1 in zip(*ranks)] == batches  # two ranks split each global batch
+
+
+def test_caption_dropout_rate_and_bpe_dropout_only_in_training(world):
+    tok = world["text_tokenizer"]
+    samples = [(step, slot, torch.zeros(8, 8, dtype=torch.long), "a red circle")
+               for step in range(500) for slot in range(8)]
+    collate = CaptionCollate(tok, train=True, caption_dropout=0.1, seed=0)
+    text_ids = collate(samples)["text_ids"]  # (4000, T)
+    null = torch.arange(tok.vocab_size, tok.total_vocab_size)
+    dropped = (text_ids == null).all(1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.02  # binomial sd 0.005
+    assert (text_ids[~dropped] == tok.eval().encode("a red circle")).all()
+    assert torch.equal(collate(samples)["text_ids"], text_ids)  # a function of (seed, step, slot)
+    assert not (CaptionCollate(tok, train=False, caption_dropout=0.1, seed=0)(samples)["text_ids"] == null).all(1).any()
+
+    bpe = TextTokenizer.from_captions(world["captions"], TextTokenizerConfig(vocab_size=320, text_len=16,
+                                                                            bpe_dropout=0.5))
+    captions = [(0, i, torch.zeros(8, 8, dtype=torch.long), c) for i, c in enumerate(world["captions"])]
+    reference = bpe.eval().encode(world["captions"])
+    assert torch.equal(CaptionCollate(bpe, train=False, caption_dropout=0.0, seed=0)(captions)["text_ids"], reference)
+    assert not torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(captions)["text_ids"], reference)
+
+
+def test_image_grid_layout_and_errors():
+    images = torch.full((3, 3, 16, 16), -1.0)  # black
+    images[1] = 1.0  # white
+    grid = make_image_grid(images, captions=["a red circle", "b", "c"], columns=2, padding=4, min_side=32)
+    array = np.asarray(grid)
+    assert grid.size == (2 * (32 + 4) + 4, grid.size[1]) and grid.size[1] > 2 * (32 + 4)  # captions add height
+    assert (array[4:36, 4:36] == 0).all() and (array[4:36, 40:72] == 255).all()  # upscaled 2x, in order
+    plain = make_image_grid([Image.new("RGB", (8, 8), (255, 0, 0))] * 4, min_side=0, padding=0)
+    assert plain.size == (16, 16) and plain.getpixel((15, 15)) == (255, 0, 0)
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        make_image_grid(images, captions=["a", "b"])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        make_image_grid(torch.zeros(2, 16, 16))
+
+
+def test_mismatched_parts_are_refused(world, tmp_path):
+    wrong = TransformerConfig.from_size("tiny", text_vocab_size=world["text_tokenizer"].vocab_size, text_len=8)
+    with pytest.raises(ValueError, match="text_len is 16 but TransformerConfig.text_len is 8"):
+        train_transformer(wrong, fast_config(), world["text_tokenizer"], world["cache"], None, tmp_path)
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+class RecordRawWeights(pl.Callback):
+    """Raw parameters after every update, to recompute the EMA independently."""
+
+    def __init__(self):
+        self.history: list[tuple[int, list[torch.Tensor]]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.history.append((0, [p.detach().clone() for p in pl_module.model.parameters()]))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.history.append((trainer.global_step, [p.detach().clone() for p in pl_module.model.parameters()]))
+
+
+def test_short_run_writes_checkpoint_samples_val_loss_and_ema_export(world, tmp_path):
+    record = RecordRawWeights()
+    config = fast_config(ema_decay=0.9, sample_every=2, sample_captions=["a red circle", "two blue stars"])
+    model = train_transformer(world["config"], config, world["text_tokenizer"], world["cache"], None, tmp_path,
+                              image_tokenizer=world["image_tokenizer"], callbacks=[record])
+
+    state = checkpoint(tmp_path)
+    assert state["global_step"] == 4
+    for step in (2, 4):
+        grid = Image.open(tmp_path / "samples" / f"step_{step:06d}.png")
+        assert grid.width >= 2 * 128  # two captions side by side, upscaled to at least 128 px
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").glob("version_*/metrics.csv")))))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and all(math.isfinite(v) and 0 < v < 10 for v in val)  # at steps 2 and 4
+    lrs = [float(r["lr"]) for r in rows if r.get("lr")]
+    assert lrs[:2] == pytest.approx([config.lr / 2, config.lr])  # warm-up over 2 steps
+
+    exported = DalleTransformer.from_pretrained(tmp_path / "transformer")
+    ema, raw = weights(state, "ema_model.transformer."), weights(state, "model.transformer.")
+    assert all(torch.equal(v, ema[k]) for k, v in exported.state_dict().items())
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    expected = record.history[0][1]  # recompute the EMA from the raw weights after each update
+    for step, params in record.history[1:]:
+        update = step - 1  # 0-based index of the update that produced `params`
+        decay = min(config.ema_decay, (1 + update) / (10 + update))
+        expected = [e + (1 - decay) * (p - e) for e, p in zip(expected, params)]
+    assert all(torch.allclose(e, p, atol=1e-6) for e, p in zip(expected, exported.parameters()))
+
+
+class Crashed(RuntimeError):
+    pass
+
+
+class Crash(pl.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.at_step:
+            raise Crashed(f"simulated crash after step {self.at_step}")
+
+
+@pytest.mark.parametrize("checkpoint_every, val_every", [(3, 2), (3, 3)])
+def test_resume_after_crash_equals_uninterrupted_run(world, tmp_path, checkpoint_every, val_every):
+    """(3, 2): last.ckpt from the end of step 3, no validation there; (3, 3): saved after step 3's
+    validation, whose plateau decision must survive. Model dropout and caption dropout are on; BPE
+    dropout is off (its RNG cannot be seeded: see transformer_data.py)."""
+    config = fast_config(steps=6, checkpoint_every=checkpoint_every, val_every=val_every, lr_schedule="plateau",
+                         plateau_patience=1, plateau_threshold=0.5, caption_dropout=0.3)
+    args = (world["config"], config, world["text_tokenizer"], world["cache"], None)
+    straight = train_transformer(*args, tmp_path / "straight")
+    with pytest.raises(Crashed):
+        train_transformer(*args, tmp_path / "resumed", callbacks=[Crash(at_step=5)])
+    assert checkpoint(tmp_path / "resumed")["global_step"] == 3
+    resumed = train_transformer(*args, tmp_path / "resumed")
+
+    a, b = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["plateau"]["halvings"] >= 1 and a["plateau"] == b["plateau"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # raw and EMA
+    assert all(torch.equal(a["optimizer_states"][0]["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
+               for i, s in b["optimizer_states"][0]["state"].items())
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    rows = list(csv.DictReader(open(next((tmp_path / "resumed" / "logs").glob("version_1/metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [s - 1 for s in range(4, 7) if s % val_every == 0]
+
+    again = train_transformer(*args, tmp_path / "resumed")  # a finished run: nothing to train, same export
+    assert checkpoint(tmp_path / "resumed")["global_step"] == 6
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), again.state_dict().values()))
+
+
+def test_fsdp_strategy_wraps_blocks_and_each_copy_as_its_own_unit():
+    """FSDP needs a GPU, so only the construction is checked here: one unit per transformer block
+    and one per TransformerLoss, so that the raw and EMA copies are sharded alike."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from dalle_proto.transformer import Block
+    from dalle_proto.transformer_training import TransformerLoss, _strategy
+
+    strategy = _strategy(TransformerTrainConfig(strategy="fsdp"))
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block, TransformerLoss}
+    assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
+    assert _strategy(TransformerTrainConfig(strategy="ddp")) == "ddp"
