@@ -1,7 +1,10 @@
 """Image tokenizer benchmark: train the CPU shapes VQGAN from scratch, then measure it.
 
-    python3 benchmarks/image_tokenizer.py                       # configs/image_tokenizer_shapes.yaml
+    python3 benchmarks/image_tokenizer.py --fresh       # configs/shapes.yaml -> runs/shapes/image_tokenizer
     python3 benchmarks/image_tokenizer.py --out runs/x image_tokenizer_training.steps=300
+
+It trains exactly what `dalle-proto train-image-tokenizer --config configs/shapes.yaml` trains (same
+run config, same `train_image_tokenizer`, same folders under `out_dir`), then measures it.
 
 Prints PSNR on 512 eval-split shapes renders (64 px; mean of per-image PSNR on the [0, 1] scale,
 plus PSNR of the pooled MSE), codebook usage (fraction of all codes that those 512 images' tokens
@@ -24,31 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
 from dalle_proto.datasets.shapes import ShapesDataset  # noqa: E402
-from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
-from dalle_proto.image_tokenizer_training import (ImageTokenizerTrainConfig, psnr_db,  # noqa: E402
-                                                  train_image_tokenizer)
-from dalle_proto.pretrained import config_from_dict  # noqa: E402
+from dalle_proto.image_tokenizer import ImageTokenizer  # noqa: E402
+from dalle_proto import stages  # noqa: E402
+from dalle_proto.image_tokenizer_training import psnr_db  # noqa: E402
+from dalle_proto.run_config import load_run_config  # noqa: E402
 
 EVAL_IMAGES = 512
 
 
-def load_configs(path: Path, overrides: list[str]):
-    raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-    raw = OmegaConf.to_container(raw, resolve=True)
-    unknown = sorted(set(raw) - {"image_tokenizer", "image_tokenizer_training", "data"})
-    if unknown:
-        raise SystemExit(f"{path}: unknown top-level section(s) {unknown}")
-    model = config_from_dict(ImageTokenizerConfig, raw["image_tokenizer"], f"{path}: image_tokenizer")
-    train = config_from_dict(ImageTokenizerTrainConfig, raw["image_tokenizer_training"],
-                             f"{path}: image_tokenizer_training")
-    data = raw["data"]
-    if data.get("kind") != "shapes":
-        raise SystemExit(f"{path}: this benchmark trains on data.kind 'shapes', got {data.get('kind')!r}")
-    return model, train, data
+def load_configs(paths: list[str], overrides: list[str]):
+    config = load_run_config(paths, overrides)
+    if config.data.kind != "shapes":
+        raise SystemExit(f"{paths}: this benchmark trains on data.kind 'shapes', got {config.data.kind!r}")
+    return config
 
 
 @torch.no_grad()
@@ -76,26 +70,26 @@ def evaluate(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 64) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "image_tokenizer_shapes.yaml"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench_image_tokenizer"))
-    parser.add_argument("--fresh", action="store_true", help="delete --out first (train from scratch)")
-    parser.add_argument("--copy-to", default=None, help="also save the trained model folder here")
+    parser.add_argument("--config", action="append", default=None,
+                        help="run config YAML (repeatable); default configs/shapes.yaml")
+    parser.add_argument("--out", default=None, help="the run's out_dir (default: the config's out_dir)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete out_dir/image_tokenizer_training first (train from scratch)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
-    model_config, train_config, data = load_configs(Path(args.config), args.overrides)
-    out = Path(args.out)
+    paths = args.config or [str(REPO / "configs" / "shapes.yaml")]
+    config = load_configs(paths, args.overrides + ([f"out_dir={args.out}"] if args.out else []))
+    model_config, train_config = config.image_tokenizer, config.image_tokenizer_training
+    out = config.out / "image_tokenizer_training"
     if args.fresh and out.exists():
         shutil.rmtree(out)
     resumed = (out / "last.ckpt").is_file()
-    size = int(data.get("image_size", model_config.resolution))
-    seed = int(data.get("seed", 0))
-    train_set = ShapesDataset(int(data["train_count"]), seed=seed, size=size, split="train")
-    eval_set = ShapesDataset(int(data.get("eval_count", EVAL_IMAGES)), seed=seed, size=size, split="eval")
-    print(f"config {args.config} overrides {args.overrides}\n{model_config}\n{train_config}\n"
-          f"data {data}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+    size, seed = config.data.image_size, config.data.seed
+    print(f"config {paths} overrides {args.overrides}\n{model_config}\n{train_config}\n"
+          f"data {config.data}, cpus {os.cpu_count()}", flush=True)
 
     start = time.time()
-    model = train_image_tokenizer(model_config, train_config, train_set, eval_set, out)
+    model = stages.train_image_tokenizer(config)  # also writes out_dir/image_tokenizer
     train_seconds = time.time() - start
     steps = train_config.steps
 
@@ -122,9 +116,6 @@ def main() -> None:
           f"eval renders; codebook usage {figures['codebook_usage']:.3f} ({figures['codes_used']}/"
           f"{model_config.n_embed}); bf16 token agreement {figures['bf16_token_agreement']:.4f}; "
           f"{result['train_minutes']} min for {steps} steps (load average {result['load_average_1min']})")
-    if args.copy_to:
-        model.save_pretrained(args.copy_to)
-        print(f"saved the model to {args.copy_to}")
     print(json.dumps(result))
 
 

@@ -5,7 +5,9 @@
     dalle-proto train-image-tokenizer --config configs/shapes.yaml
     dalle-proto encode --config configs/shapes.yaml
     dalle-proto train --config configs/shapes.yaml transformer.depth=4
+    dalle-proto train-clip --config configs/shapes.yaml
     dalle-proto generate "a red circle to the left of a blue square" --out samples.png
+    dalle-proto evaluate --checkpoint runs/shapes --rerank 8 --out runs/shapes/evaluation
 
 Training stages share one run config (YAML + `key.sub=value` overrides) and chain through its
 `out_dir`: each stage reads what the previous one wrote there.
@@ -57,6 +59,59 @@ def cmd_stage(args: argparse.Namespace) -> None:
     getattr(stages, args.stage)(config)
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes"
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .image_grid import make_image_grid
+    from .pipeline import DallePipeline
+
+    model = Path(args.model)
+    if not model.is_dir():
+        raise SystemExit(
+            f"dalle-proto: error: no trained model at {model}. Train one (a run's out_dir is a model "
+            "folder): `dalle-proto train-text-tokenizer --config CONFIG out_dir=DIR`, then "
+            "train-image-tokenizer, encode and train with the same arguments, and pass `--model DIR`; "
+            f"or copy a trained model folder to {DEFAULT_MODEL}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = DallePipeline.from_pretrained(model, device=device)
+        images = pipe(args.prompts, num_images=args.num_images, seed=args.seed, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, rerank=args.rerank,
+                      progress=True)
+    except (FileNotFoundError, ValueError) as e:  # bad folder, mismatched parts, bad prompt or setting
+        raise SystemExit(f"dalle-proto: error: {e}") from None
+    captions = [p for p in args.prompts for _ in range(args.num_images)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, captions=captions, columns=args.num_images).save(out)
+    print(out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .evaluation import evaluate_pipeline, to_markdown
+    from .pipeline import DallePipeline
+
+    captions = None
+    if args.captions:
+        captions = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "evaluation"
+    try:
+        pipe = DallePipeline.from_pretrained(args.checkpoint, device=device)
+        report = evaluate_pipeline(pipe, out, per_category=args.per_category, seed=args.seed, rerank=args.rerank,
+                                   batch_size=args.batch_size, cfg_scale=args.cfg_scale, captions=captions)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"dalle-proto: error: {e}") from None
+    print(to_markdown(report), end="")
+    print(f"report -> {out / 'evaluation.md'}, {out / 'evaluation.json'}, grids in {out / 'grids'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-proto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,11 +142,53 @@ def build_parser() -> argparse.ArgumentParser:
         "train_image_tokenizer": "train the VQGAN image tokenizer",
         "encode": "encode the data set once into an image-token cache",
         "train": "train the transformer on the token cache",
+        "train_clip": "train the CLIP reranker on the data set's image-caption pairs (writes out_dir/clip)",
     }
     for stage, help_text in stage_help.items():
         p = sub.add_parser(stage.replace("_", "-"), help=help_text, description=help_text)
         _add_run_config_args(p)
         p.set_defaults(func=cmd_stage, stage=stage)
+
+    gen_help = "draw images for captions with a trained model and save them as one grid PNG"
+    gen = sub.add_parser("generate", help=gen_help, description=(
+        f"{gen_help}: one row of --num-images images per caption, the caption under each image. "
+        "Sampling settings left out come from the model folder's pipeline.json (else cfg-scale 3, "
+        "temperature 1, no top-k/top-p)."), epilog=(
+        'example: dalle-proto generate "a red circle to the left of a blue square" --num-images 8 '
+        "--out samples.png"))
+    gen.add_argument("prompts", nargs="+", metavar="CAPTION", help="caption(s), e.g. \"a red circle\"")
+    gen.add_argument("--num-images", type=int, default=4, help="images per caption (default: 4)")
+    gen.add_argument("--out", default="samples.png", help="grid PNG to write (default: samples.png)")
+    gen.add_argument("--model", default=str(DEFAULT_MODEL),
+                     help="model folder: text_tokenizer/, image_tokenizer/, transformer/ (optional clip/, "
+                          "pipeline.json); a training run's out_dir is one (default: checkpoints/shapes)")
+    gen.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
+    gen.add_argument("--cfg-scale", type=float, default=None,
+                     help="classifier-free guidance scale; 1 turns guidance off")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
+    gen.add_argument("--rerank", type=int, default=None, metavar="N",
+                     help="draw N candidates per image and keep the one the model's CLIP (clip/) scores best")
+    gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.set_defaults(func=cmd_generate)
+
+    ev_help = "score a trained model on a fixed shapes prompt set: attribute accuracy, FID, CLIP metrics"
+    ev = sub.add_parser("evaluate", help=ev_help, description=ev_help + " (see dalle_proto/evaluation.py)")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="model folder: text_tokenizer/, image_tokenizer/, transformer/, optional clip/")
+    ev.add_argument("--rerank", type=int, default=None, metavar="N",
+                    help="also evaluate with N CLIP-reranked candidates per image, side by side")
+    ev.add_argument("--per-category", type=int, default=200, help="prompts per category (default: 200)")
+    ev.add_argument("--out", default=None, help="report folder (default: DIR/evaluation)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=32, help="prompts sampled at a time")
+    ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's pipeline.json")
+    ev.add_argument("--captions", default=None, metavar="FILE",
+                    help="non-shapes models: sample these captions (one per line) instead and report "
+                         "only CLIP score and R-precision")
+    ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -2,13 +2,16 @@
 
 Sections are the components' own config dataclasses, so a key means the same thing in a YAML file,
 on the command line (`transformer.depth=4`) and in a saved `config.json`. Stages chain through
-`out_dir`: `text_tokenizer/`, `image_tokenizer/`, `token_cache/{train,eval}/`, `transformer/`.
+`out_dir`: `text_tokenizer/`, `image_tokenizer/`, `token_cache/{train,eval}/`, `transformer/`,
+`clip/`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .clip import ClipArchitecture
+from .clip_training import ClipTrainConfig
 from .config import load_config
 from .datasets import DataConfig
 from .image_tokenizer import ImageTokenizerConfig
@@ -45,6 +48,10 @@ class RunConfig:
     image_tokenizer_path: str | None = None
     transformer: TransformerSection = field(default_factory=TransformerSection)
     training: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
+    # the CLIP reranker (train-clip): text_vocab_size, text_len and image_size come from the trained
+    # text tokenizer and data.image_size
+    clip: ClipArchitecture = field(default_factory=ClipArchitecture)
+    clip_training: ClipTrainConfig = field(default_factory=ClipTrainConfig)
 
     @property
     def out(self) -> Path:

@@ -1,4 +1,5 @@
-"""The training stages behind `dalle-proto train-text-tokenizer | train-image-tokenizer | encode | train`.
+"""The training stages behind `dalle-proto train-text-tokenizer | train-image-tokenizer | encode | train |
+train-clip`.
 
 Each stage takes the run config and reads what earlier stages wrote under `out_dir`:
 
@@ -8,6 +9,8 @@ Each stage takes the run config and reads what earlier stages wrote under `out_d
     out_dir/token_cache/{train,eval}/  image tokens (memory-mapped) + captions
     out_dir/transformer_training/      checkpoints, logs, sample grids (resumable)
     out_dir/transformer/               config.json + model.safetensors (EMA weights)
+    out_dir/clip_training/             checkpoints, logs (resumable)
+    out_dir/clip/                      config.json + model.safetensors (the reranker; needs text_tokenizer/)
 
 Re-running a stage resumes it from its last checkpoint.
 """
@@ -121,4 +124,20 @@ def train(config: RunConfig):
                               config.out / "transformer_training", image_tokenizer=image_tokenizer)
     model.save_pretrained(config.out / "transformer")
     print(f"transformer -> {config.out / 'transformer'}")
+    return model
+
+
+def train_clip(config: RunConfig):
+    from .clip import ClipConfig
+    from .clip_training import train_clip as train
+    from .text_tokenizer import TextTokenizer
+
+    text_tokenizer = TextTokenizer.from_pretrained(config.out / "text_tokenizer")
+    clip_config = ClipConfig.from_architecture(config.clip, text_vocab_size=text_tokenizer.total_vocab_size,
+                                               text_len=text_tokenizer.text_len, image_size=config.data.image_size)
+    _save_run_config(config, "train_clip")
+    model = train(clip_config, config.clip_training, text_tokenizer, build_dataset(config.data, "train"),
+                  config.out / "clip_training")
+    model.save_pretrained(config.out / "clip")
+    print(f"clip -> {config.out / 'clip'}")
     return model

@@ -132,6 +132,7 @@ class SelfAttention(nn.Module):
         return self._merge(o)
 
     def step(self, x: torch.Tensor, cache, pos: int, masks: dict) -> torch.Tensor:
+        """KV-cache forward of positions pos .. pos + n - 1 (the text prefill: n = T, pos = 0)."""
         q, k, v = self._split(x)  # (B, H, n, dh)
         end = pos + x.shape[1]
         k_cache, v_cache = cache
@@ -139,6 +140,17 @@ class SelfAttention(nn.Module):
         v_cache[:, :, pos:end] = v
         o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
                                            attn_mask=masks[self.kind][pos:end, :end])
+        return self._merge(o)
+
+    def decode(self, x: torch.Tensor, cache, pos: torch.Tensor, bias_rows: dict) -> torch.Tensor:
+        """One new position `pos` (0-d tensor) against the whole preallocated cache. Every shape is
+        the same at every step (no slicing by position), so a compiled decode step never recompiles;
+        cache slots after `pos` are still unwritten, and the additive mask row gives them -inf."""
+        q, k, v = self._split(x)  # (B, H, 1, dh)
+        k_cache, v_cache = cache
+        k_cache.index_copy_(2, pos.view(1), k)
+        v_cache.index_copy_(2, pos.view(1), v)
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias_rows[self.kind])  # (B, H, 1, dh)
         return self._merge(o)
 
 
@@ -202,6 +214,10 @@ class Block(nn.Module):
         x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, pos, masks))
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
 
+    def decode(self, x: torch.Tensor, cache, pos: torch.Tensor, bias_rows: dict) -> torch.Tensor:
+        x = x + self.post_attn(self.attn.decode(self.norm_attn(x), cache, pos, bias_rows))
+        return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
+
 
 class DalleTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
@@ -223,6 +239,7 @@ class DalleTransformer(nn.Module):
             self.image_head.weight = self.image_embedding.weight
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
+        self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
         for kind in sorted(set(self.kinds)):
             self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid,
                                                                c.conv_kernel), persistent=False)
@@ -331,16 +348,32 @@ class DalleTransformer(nn.Module):
             x = block.step(x, layer_cache, 0, masks)
         return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
 
-    def decode_image_token(self, image_token: torch.Tensor, index: int, cache) -> torch.Tensor:
-        """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1."""
+    def decode_image_token(self, image_token: torch.Tensor, index: int | torch.Tensor, cache) -> torch.Tensor:
+        """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1.
+
+        `index` may be a 0-d tensor: then this step has no Python-int argument that changes from
+        token to token, and `torch.compile(model.decode_image_token)` compiles it once."""
         c = self.config
-        g = c.image_grid
-        pos_emb = self.image_row[index // g] + self.image_column[index % g]  # (D,)
+        index = torch.as_tensor(index, device=image_token.device)
+        pos = index + c.text_len  # position in the sequence
+        pos_emb = self.image_row[index // c.image_grid] + self.image_column[index % c.image_grid]  # (D,)
         x = (self.image_embedding(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
-        masks = self.masks()
+        dtype = cache[0][0].dtype
+        bias_rows = {kind: self._mask_bias(kind, dtype).index_select(0, pos.view(1))  # (1, T+N)
+                     for kind in set(self.kinds)}
         for block, layer_cache in zip(self.blocks, cache):
-            x = block.step(x, layer_cache, c.text_len + index, masks)
+            x = block.decode(x, layer_cache, pos, bias_rows)
         return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
+
+    def _mask_bias(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        """(T+N, T+N) additive mask (0 where allowed, -inf elsewhere) in `dtype`, built once per dtype:
+        an additive mask spares SDPA its per-call boolean-mask handling."""
+        mask = self.masks()[kind]
+        key = (kind, dtype, mask.device)  # the mask buffers move with .to(device); this cache follows
+        if key not in self._mask_biases:
+            self._mask_biases[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, float("-inf"))
+        return self._mask_biases[key]
 
     # ---- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None):

@@ -14,7 +14,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"data", "config", "train-text-tokenizer", "train-image-tokenizer", "encode", "train"} <= set(commands)
+    assert {"data", "config", "train-text-tokenizer", "train-image-tokenizer", "encode", "train", "train-clip",
+            "evaluate"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
@@ -45,9 +46,9 @@ def test_data_shapes_writes_triplets(tmp_path):
 @pytest.mark.slow
 def test_training_stages_chain_from_one_config(tmp_path):
     out = tmp_path / "run"
-    for stage in ("train-text-tokenizer", "train-image-tokenizer", "encode", "train"):
+    for stage in ("train-text-tokenizer", "train-image-tokenizer", "encode", "train", "train-clip"):
         main([stage, "--config", TINY, f"out_dir={out}"])
-    for folder in ("text_tokenizer", "image_tokenizer", "transformer"):
+    for folder in ("text_tokenizer", "image_tokenizer", "transformer", "clip"):
         assert any((out / folder).iterdir()), folder
     assert (out / "token_cache" / "train" / "meta.json").is_file()
     assert (out / "token_cache" / "eval" / "meta.json").is_file()
@@ -56,3 +57,7 @@ def test_training_stages_chain_from_one_config(tmp_path):
     tokenizer_json = json.loads((out / "text_tokenizer" / "tokenizer.json").read_text())
     assert transformer_config["text_vocab_size"] == len(tokenizer_json["model"]["vocab"])
     assert transformer_config["image_vocab_size"] == 64 and transformer_config["image_grid"] == 16
+    clip_config = json.loads((out / "clip" / "config.json").read_text())
+    assert clip_config["text_vocab_size"] == transformer_config["text_vocab_size"] + transformer_config["text_len"]
+    main(["evaluate", "--checkpoint", str(out), "--per-category", "1", "--batch-size", "4"])
+    assert "| full |" in (out / "evaluation" / "evaluation.md").read_text()

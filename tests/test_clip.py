@@ -1,0 +1,173 @@
+"""The small CLIP: shapes, input checks, save/load, pad handling, overfitting, caption perturbations,
+and an exactly resumable training run."""
+import numpy as np
+import pytest
+import torch
+
+from dalle_proto.clip import ClipConfig, ClipModel
+from dalle_proto.clip_training import ClipTrainConfig, clip_loss, perturb_caption, train_clip
+from dalle_proto.datasets.augmentation import pil_to_tensor
+from dalle_proto.datasets.shapes import ShapesDataset, parse_caption
+from dalle_proto.datasets.shapes_grammar import is_held_out
+from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    dataset = ShapesDataset(300, size=SIZE)
+    captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    return TextTokenizer.from_captions(captions, TextTokenizerConfig(vocab_size=300, text_len=20, bpe_dropout=0.0))
+
+
+def tiny_config(text_tokenizer, **overrides) -> ClipConfig:
+    values = dict(text_vocab_size=text_tokenizer.total_vocab_size, text_len=text_tokenizer.text_len,
+                  image_size=SIZE, embed_dim=32, image_width=8, image_stages=2, text_width=32,
+                  text_layers=1, text_heads=2)
+    return ClipConfig(**{**values, **overrides})
+
+
+def shapes_batch(text_tokenizer, count: int, unique: bool = True):
+    dataset = ShapesDataset(200, seed=3, size=SIZE)
+    images, captions = [], []
+    for i in range(len(dataset)):
+        image, caption = dataset[i]
+        if unique and caption in captions:
+            continue
+        images.append(pil_to_tensor(image))
+        captions.append(caption)
+        if len(captions) == count:
+            break
+    return {"images": torch.stack(images), "text_ids": text_tokenizer.encode(captions),
+            "negative_ids": torch.empty(0, text_tokenizer.text_len, dtype=torch.long),
+            "negative_owner": torch.empty(0, dtype=torch.long)}, captions
+
+
+def test_embeddings_are_unit_vectors_and_score_is_their_cosine(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer)).eval()
+    batch, captions = shapes_batch(text_tokenizer, 4)
+    image_emb, text_emb = model.encode_image(batch["images"]), model.encode_text(batch["text_ids"])
+    assert image_emb.shape == text_emb.shape == (4, 32)
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(model.score(batch["images"], batch["text_ids"]), (image_emb * text_emb).sum(-1))
+    empty = model.encode_text(text_tokenizer.null_ids()[None])  # the all-pad caption is defined too
+    assert torch.isfinite(empty).all()
+
+
+def test_pad_embeddings_do_not_change_a_caption_embedding(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer)).eval()
+    ids = text_tokenizer.encode(["a red circle", "three blue stars"])
+    before = model.encode_text(ids)
+    with torch.no_grad():
+        model.text_encoder.token_embedding.weight[text_tokenizer.vocab_size:] += 5.0
+    torch.testing.assert_close(model.encode_text(ids), before)
+
+
+def test_bad_inputs_are_clear_errors(text_tokenizer):
+    model = ClipModel(tiny_config(text_tokenizer))
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*max 255"):
+        model.encode_image(torch.full((1, 3, SIZE, SIZE), 255.0))
+    with pytest.raises(ValueError, match=rf"\(B, 3, {SIZE}, {SIZE}\).*got Tensor torch.float32 \(1, 3, 16, 16\)"):
+        model.encode_image(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="text ids must be in"):
+        model.encode_text(torch.full((1, text_tokenizer.text_len), 10**6))
+    with pytest.raises(ValueError, match="multiple of 2 \\*\\* image_stages"):
+        tiny_config(text_tokenizer, image_size=36, image_stages=3)
+
+
+def test_save_load_round_trip_and_strict_loading(text_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer)).eval()
+    batch, _ = shapes_batch(text_tokenizer, 3)
+    model.save_pretrained(tmp_path / "clip")
+    loaded = ClipModel.from_pretrained(tmp_path / "clip")
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded.score(batch["images"], batch["text_ids"]),
+                               model.score(batch["images"], batch["text_ids"]), rtol=0, atol=0)
+    state = {**model.state_dict(), "extra.weight": torch.zeros(1)}
+    from dalle_proto.pretrained import save_component
+
+    save_component(tmp_path / "bad", model.config, state)
+    with pytest.raises(ValueError, match=r"bad.*model.safetensors.*unexpected keys \['extra.weight'\]"):
+        ClipModel.from_pretrained(tmp_path / "bad")
+
+
+def test_tiny_clip_overfits_one_shapes_batch(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer))
+    batch, _ = shapes_batch(text_tokenizer, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss, metrics = clip_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        similarity = model.encode_image(batch["images"]) @ model.encode_text(batch["text_ids"]).T  # (8, 8)
+    assert (similarity.argmax(1) == torch.arange(8)).all() and (similarity.argmax(0) == torch.arange(8)).all()
+
+
+def test_identical_captions_are_not_negatives_of_each_other(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer))
+    batch, _ = shapes_batch(text_tokenizer, 4)
+    batch["text_ids"][1] = batch["text_ids"][0]  # two images of one caption
+    loss, _ = clip_loss(model, batch)
+    with torch.no_grad():
+        image_emb, text_emb = model(batch["images"], batch["text_ids"])
+        logits = model.temperature_scale() * image_emb @ text_emb.T  # (4, 4)
+        logits[0, 1] = logits[1, 0] = float("-inf")  # the other copy of one's own caption is no negative
+        target = torch.arange(4)
+        expected = (torch.nn.functional.cross_entropy(logits, target)
+                    + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_caption_perturbations_change_one_thing_and_respect_the_held_out_pairs():
+    rng = np.random.default_rng(0)
+    captions = ["a red circle", "a picture of a large blue star in the top left",
+                "a red circle to the left of a blue square", "three yellow triangles"]
+    for caption in captions:
+        spec = parse_caption(caption)
+        for _ in range(50):
+            new = perturb_caption(caption, rng)
+            assert new is not None and new != caption
+            new_spec = parse_caption(new)  # still the grammar
+            assert new_spec["type"] == spec["type"] and new_spec["prefix"] == spec["prefix"]
+            assert not any(is_held_out(o["color"], o["shape"]) for o in new_spec["objects"])
+    assert perturb_caption("a photo of my cat", rng) is None
+    first = [perturb_caption(c, np.random.default_rng(1)) for c in captions]
+    assert first == [perturb_caption(c, np.random.default_rng(1)) for c in captions]
+
+
+def test_caption_negatives_are_scored_and_raise_the_loss(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer))
+    batch, captions = shapes_batch(text_tokenizer, 4)
+    plain, _ = clip_loss(model, batch)
+    rng = np.random.default_rng(0)
+    negatives = [perturb_caption(c, rng) for c in captions]
+    batch |= {"negative_ids": text_tokenizer.encode(negatives), "negative_owner": torch.arange(4)}
+    harder, metrics = clip_loss(model, batch)
+    assert harder > plain and 0 <= float(metrics["hard_acc"]) <= 1
+
+
+def test_resumed_training_equals_uninterrupted_training(text_tokenizer, tmp_path):
+    config = tiny_config(text_tokenizer)
+    train_config = ClipTrainConfig(steps=4, batch_size=6, warmup_steps=1, checkpoint_every=2, log_every=1,
+                                   accelerator="cpu", caption_negatives=1)
+    dataset = ShapesDataset(20, size=SIZE)
+    straight = train_clip(config, train_config, text_tokenizer, dataset, tmp_path / "straight", progress=False)
+    train_clip(config, train_config, text_tokenizer, dataset, tmp_path / "resumed", max_steps=2, progress=False)
+    resumed = train_clip(config, train_config, text_tokenizer, dataset, tmp_path / "resumed", progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert (tmp_path / "resumed" / "clip" / "model.safetensors").is_file()
+    first = ClipModel(config).state_dict()
+    assert any(not torch.equal(first[k], v) for k, v in straight.state_dict().items())  # it did train
+    csv = next((tmp_path / "straight" / "logs").glob("version_*/metrics.csv")).read_text()
+    assert "train/acc" in csv and "train/hard_acc" in csv
