@@ -127,58 +127,75 @@ class SelfAttention(nn.Module):
         elif masks["dense"]:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
         else:
-            o = block_sparse_attention(q, k, v, masks[f"{self.kind}_keys"], masks[f"{self.kind}_key_mask"],
-                                       transposed=self.kind == "column", dropout_p=p)
+            o = block_sparse_attention(q, k, v, masks[f"{self.kind}_window_blocks"], masks["text_bias"],
+                                       masks[f"{self.kind}_image_bias"], transposed=self.kind == "column",
+                                       dropout_p=p)
         return self._merge(o)
 
-    def step(self, x: torch.Tensor, cache, pos: int, masks: dict) -> torch.Tensor:
-        """KV-cache forward of positions pos .. pos + n - 1 (the text prefill: n = T, pos = 0)."""
+    def step(self, x: torch.Tensor, cache, pos: int, bias: torch.Tensor) -> torch.Tensor:
+        """KV-cache forward of positions pos .. pos + n - 1 (the text prefill: pos 0, n = T; then one
+        image token at a time). bias: this layer's (T+N, T+N) additive mask in the cache's dtype.
+
+        Only the filled part of the cache is read. The attention runs in the cache's dtype outside
+        autocast (see `DalleTransformer.new_cache`); scale, mask and QK^T are one baddbmm."""
         q, k, v = self._split(x)  # (B, H, n, dh)
-        end = pos + x.shape[1]
         k_cache, v_cache = cache
+        b, h, n, d = q.shape
+        end = pos + n
         k_cache[:, :, pos:end] = k
         v_cache[:, :, pos:end] = v
-        o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                           attn_mask=masks[self.kind][pos:end, :end])
-        return self._merge(o)
-
-    def decode(self, x: torch.Tensor, cache, pos: torch.Tensor, bias_rows: dict) -> torch.Tensor:
-        """One new position `pos` (0-d tensor) against the whole preallocated cache. Every shape is
-        the same at every step (no slicing by position), so a compiled decode step never recompiles;
-        cache slots after `pos` are still unwritten, and the additive mask row gives them -inf."""
-        q, k, v = self._split(x)  # (B, H, 1, dh)
-        k_cache, v_cache = cache
-        k_cache.index_copy_(2, pos.view(1), k)
-        v_cache.index_copy_(2, pos.view(1), v)
-        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias_rows[self.kind])  # (B, H, 1, dh)
-        return self._merge(o)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.baddbmm(bias[pos:end, :end], q.reshape(b * h, n, d).to(k_cache.dtype),
+                                   k_cache[:, :, :end].view(b * h, end, d).transpose(1, 2),
+                                   alpha=d ** -0.5)  # (BH, n, end)
+            o = torch.bmm(scores.softmax(dim=2), v_cache[:, :, :end].view(b * h, end, d))  # (BH, n, dh)
+        return self._merge(o.view(b, h, n, d).to(x.dtype))
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
-                           key_mask: torch.Tensor, transposed: bool, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention over the whole text + image sequence that only computes the blocks a sparse mask
-    can reach (layout from `attention_masks.block_layout`). q, k, v: (B, H, T+N, dh), N = g*g.
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_blocks: int,
+                           text_bias: torch.Tensor, image_bias: torch.Tensor, transposed: bool,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention over the whole text + image sequence that only computes what a sparse mask can
+    reach (layout from `attention_masks.block_layout`). q, k, v: (B, H, T+N, dh), N = g*g.
 
-    Text queries: causal attention over the text. Image queries: `g` blocks of g queries (image
-    rows, or columns when `transposed`), each attending to the text plus its own window of image
-    keys; one batched SDPA call with the blocks as an extra batch dimension.
+    Text queries: causal attention over the text. Image queries come in `g` blocks of g (image
+    rows, or columns when `transposed`); block b sees all text and the image blocks b - window_blocks
+    .. b, a window cut by slicing (no gather). Scores against the text are one large matmul for all
+    image queries; scores inside the windows one batched matmul; a joint softmax covers both.
+    text_bias: (T, T) and image_bias: (g, g, W) additive masks (0 allowed, -inf not): the causal
+    text mask, and each image block's window.
     """
     b, h, length, d = q.shape
-    g, g_, n_keys = key_mask.shape
-    t = length - g * g
-    text_out = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True,
-                                              dropout_p=dropout_p)  # (B, H, T, dh)
-    qi = q[:, :, t:].reshape(b * h, g, g, d)  # (BH, blocks, g, dh) in raster order: blocks = rows
-    if transposed:
-        qi = qi.transpose(1, 2)  # blocks = columns
-    flat = key_index.reshape(-1)  # (g * K,)
-    ki = k.reshape(b * h, length, d).index_select(1, flat).view(b * h, g, n_keys, d)  # (BH, g, K, dh)
-    vi = v.reshape(b * h, length, d).index_select(1, flat).view(b * h, g, n_keys, d)
-    image_out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=key_mask,
-                                               dropout_p=dropout_p)  # (BH, blocks, g, dh)
+    g = image_bias.shape[0]
+    t, n, w = length - g * g, g * g, window_blocks
+    # the text block is small (T x T): a plain masked softmax beats the CPU flash kernel's backward
+    # biases in the scores' dtype: under bf16 autocast the softmax then stays in bf16 (it accumulates
+    # in fp32 internally) and no (B, H, g, g, T + W) probability tensor is cast back
+    text_scores = q[:, :, :t] @ k[:, :, :t].transpose(2, 3) * d ** -0.5 + text_bias.to(q.dtype)  # (B, H, T, T)
+    text_probs = F.dropout(text_scores.softmax(dim=3), dropout_p) if dropout_p > 0 else text_scores.softmax(dim=3)
+    text_out = text_probs.to(v.dtype) @ v[:, :, :t]  # (B, H, T, dh)
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # image part in block order: (BH, blocks, g, dh)
+        x = x[:, :, t:].reshape(b * h, g, g, d)
+        return x.transpose(1, 2) if transposed else x
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # (BH, blocks, (w + 1) * g, dh)
+        padded = F.pad(blocks(x), (0, 0, 0, 0, w, 0))  # w empty blocks in front, masked off by the bias
+        return torch.cat([padded[:, i:i + g] for i in range(w + 1)], dim=2)
+
+    qi = blocks(q) * d ** -0.5  # (BH, g, g, dh)
+    k_text, v_text = k[:, :, :t].reshape(b * h, t, d), v[:, :, :t].reshape(b * h, t, d)
+    scores_text = (qi.reshape(b * h, n, d) @ k_text.transpose(1, 2)).view(b * h, g, g, t)  # (BH, g, g, T)
+    scores_image = qi @ windows(k).transpose(2, 3) + image_bias.to(qi.dtype)  # (BH, g, g, W)
+    probs = torch.cat([scores_text, scores_image], dim=3).softmax(dim=3)  # (BH, g, g, T + W)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    probs = probs.to(v.dtype)
+    image_out = (probs[..., :t].reshape(b * h, n, t) @ v_text).view(b * h, g, g, d) \
+        + probs[..., t:] @ windows(v)  # (BH, g, g, dh)
     if transposed:
         image_out = image_out.transpose(1, 2)
-    image_out = image_out.reshape(b, h, g * g, d)
+    image_out = image_out.reshape(b, h, n, d)
     return torch.cat([text_out, image_out], dim=2)  # (B, H, T+N, dh)
 
 
@@ -190,7 +207,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, config.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x)))  # exact GELU: on CPU in bf16 several times faster than tanh
 
 
 class Block(nn.Module):
@@ -209,13 +226,9 @@ class Block(nn.Module):
         x = x + self.dropout(self.post_attn(self.attn(self.norm_attn(x), masks)))
         return x + self.dropout(self.post_mlp(self.mlp(self.norm_mlp(x))))
 
-    def step(self, x: torch.Tensor, cache, pos: int, masks: dict) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache, pos: int, bias: torch.Tensor) -> torch.Tensor:
         """KV-cache forward of positions pos .. pos + x.shape[1] - 1 (no dropout: inference)."""
-        x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, pos, masks))
-        return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
-
-    def decode(self, x: torch.Tensor, cache, pos: torch.Tensor, bias_rows: dict) -> torch.Tensor:
-        x = x + self.post_attn(self.attn.decode(self.norm_attn(x), cache, pos, bias_rows))
+        x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, pos, bias))
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
 
 
@@ -239,14 +252,20 @@ class DalleTransformer(nn.Module):
             self.image_head.weight = self.image_embedding.weight
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
+        self._window_blocks: dict[str, int] = {}
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
+        causal_text = torch.ones(c.text_len, c.text_len, dtype=torch.bool, device="cpu").tril()
+        self.register_buffer("mask_text_bias", torch.zeros(causal_text.shape, device="cpu").masked_fill(
+            ~causal_text, float("-inf")), persistent=False)
         for kind in sorted(set(self.kinds)):
             self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid,
                                                                c.conv_kernel), persistent=False)
             layout = block_layout(kind, c.text_len, c.image_grid, c.conv_kernel)
-            if layout is not None:
-                self.register_buffer(f"mask_{kind}_keys", layout[1], persistent=False)
-                self.register_buffer(f"mask_{kind}_key_mask", layout[2], persistent=False)
+            if layout is not None:  # block-sparse fast path: each block's image window, as an additive mask
+                window_mask = layout[2][:, :, c.text_len:]  # (g, g, W)
+                self._window_blocks[kind] = window_mask.shape[2] // c.image_grid - 1
+                self.register_buffer(f"mask_{kind}_image_bias", torch.zeros(window_mask.shape, device="cpu").masked_fill(
+                    ~window_mask, float("-inf")), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):  # GPT-2: scale residual writes
@@ -263,9 +282,11 @@ class DalleTransformer(nn.Module):
 
     # ---- helpers -----------------------------------------------------------------------------
     def masks(self) -> dict:
-        """Mask buffers by name ("row", "row_keys", "row_key_mask", ...), plus the "dense" switch."""
+        """Mask buffers by name ("row", "row_image_bias", ...), each block-sparse kind's window size
+        in blocks ("row_window_blocks"), and the "dense" switch."""
         found = {name[len("mask_"):]: buf for name, buf in self.named_buffers() if name.startswith("mask_")}
-        return {**found, "dense": self._dense}
+        windows = {f"{kind}_window_blocks": w for kind, w in self._window_blocks.items()}
+        return {**found, **windows, "dense": self._dense}
 
     @contextlib.contextmanager
     def dense_attention(self):
@@ -332,44 +353,49 @@ class DalleTransformer(nn.Module):
     # ---- KV-cache generation (see sampling.py) -----------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Preallocated per-layer (K, V) tensors (B, H, T+N, head_dim), written in place."""
+        """Preallocated per-layer (K, V) tensors (B, H, T+N, head_dim), written in place.
+
+        dtype defaults to float32 on the CPU, whatever the weights' dtype: single-query attention is
+        a few tiny batched matmuls, which CPU kernels run faster in fp32 than in bf16 (measured,
+        benchmarks/transformer.py), and the cache is small. Elsewhere: the autocast dtype when
+        autocast is on, else the weights' dtype."""
         c = self.config
         ref = self.image_head.weight
+        device = torch.device(device) if device is not None else ref.device
+        if dtype is None:
+            if device.type == "cpu":
+                dtype = torch.float32
+            elif torch.is_autocast_enabled(device.type):
+                dtype = torch.get_autocast_dtype(device.type)
+            else:
+                dtype = ref.dtype
         shape = (batch, c.heads, c.text_len + c.image_len, c.head_dim)
-        kw = dict(dtype=dtype or ref.dtype, device=device or ref.device)
-        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.blocks]
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in self.blocks]
 
     def prefill_text(self, text_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run the text through every layer, filling the cache; -> logits (B, Vi) for image token 0."""
         self._check_ids(text_ids, None)
-        x = self._embed_text(text_ids)  # (B, T, D)
-        masks = self.masks()
-        for block, layer_cache in zip(self.blocks, cache):
-            x = block.step(x, layer_cache, 0, masks)
-        return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
+        return self._cached_step(self._embed_text(text_ids), 0, cache)  # (B, Vi)
 
-    def decode_image_token(self, image_token: torch.Tensor, index: int | torch.Tensor, cache) -> torch.Tensor:
-        """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1.
-
-        `index` may be a 0-d tensor: then this step has no Python-int argument that changes from
-        token to token, and `torch.compile(model.decode_image_token)` compiles it once."""
+    def decode_image_token(self, image_token: torch.Tensor, index: int, cache) -> torch.Tensor:
+        """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1."""
         c = self.config
-        index = torch.as_tensor(index, device=image_token.device)
-        pos = index + c.text_len  # position in the sequence
         pos_emb = self.image_row[index // c.image_grid] + self.image_column[index % c.image_grid]  # (D,)
         x = (self.image_embedding(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
-        dtype = cache[0][0].dtype
-        bias_rows = {kind: self._mask_bias(kind, dtype).index_select(0, pos.view(1))  # (1, T+N)
-                     for kind in set(self.kinds)}
+        return self._cached_step(x, c.text_len + index, cache)  # (B, Vi)
+
+    def _cached_step(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:  # (B, n, D) -> (B, Vi)
+        biases = {kind: self._mask_bias(kind, cache[0][0].dtype) for kind in set(self.kinds)}
         for block, layer_cache in zip(self.blocks, cache):
-            x = block.decode(x, layer_cache, pos, bias_rows)
-        return self.image_head(self.final_norm(x[:, -1]))  # (B, Vi)
+            x = block.step(x, layer_cache, pos, biases[block.kind])
+        return self.image_head(self.final_norm(x[:, -1]))
 
     def _mask_bias(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
-        """(T+N, T+N) additive mask (0 where allowed, -inf elsewhere) in `dtype`, built once per dtype:
-        an additive mask spares SDPA its per-call boolean-mask handling."""
-        mask = self.masks()[kind]
-        key = (kind, dtype, mask.device)  # the mask buffers move with .to(device); this cache follows
+        """(T+N, T+N) additive mask (0 where allowed, -inf elsewhere) in `dtype`, built once per
+        kind, dtype and device (the bool mask buffers move with .to(device); this follows them)."""
+        mask = getattr(self, f"mask_{kind}")
+        key = (kind, dtype, mask.device)
         if key not in self._mask_biases:
             self._mask_biases[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~mask, float("-inf"))
