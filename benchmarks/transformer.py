@@ -82,7 +82,8 @@ def train_flops(model: DalleTransformer, batch: int) -> float:
 def bench_train(model: DalleTransformer, dtype: str, warmup: int, iters: int) -> dict:
     c = model.config
     model.train()
-    opt = torch.optim.AdamW(optimizer_param_groups(model, 4.5e-2), lr=1e-4, betas=(0.9, 0.96), eps=1e-8)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 4.5e-2), lr=1e-4, betas=(0.9, 0.96), eps=1e-8,
+                            fused=True)  # as TransformerLightningModule.configure_optimizers
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, c.text_total_vocab, (TRAIN_BATCH, c.text_len), generator=g)
     image = torch.randint(0, c.image_vocab_size, (TRAIN_BATCH, c.image_len), generator=g)

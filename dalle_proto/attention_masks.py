@@ -145,3 +145,28 @@ def block_layout(kind: str, text_len: int, grid: int, conv_kernel: int = 11):
     if not torch.equal(key_mask.sum(2), allowed):
         raise AssertionError(f"block layout for {kind!r} misses keys of the full mask")
     return query_order, key_index, key_mask
+
+
+def cache_window(kind: str, grid: int, conv_kernel: int = 11) -> int:
+    """How many image positions a KV cache of this mask kind must hold: the lookback plus the
+    query itself, at most the whole image. Image index j lives in slot j % window (a ring), so a
+    "row" layer caches grid + 1 image tokens instead of grid**2."""
+    return min(grid * grid, image_lookback(kind, grid, conv_kernel) + 1)
+
+
+def cache_slot_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11) -> torch.Tensor:
+    """(T + N, T + W) bool, W = cache_window(...): which cache slots the query at each sequence
+    position may attend to, once that query's own K/V has been written. Slots 0..T-1 hold the text;
+    slot T + s holds the latest image index j <= i with j % W == s. Equal to `sequence_mask` with
+    its key columns mapped onto the ring (keys that fell out of the ring are never visible)."""
+    window = cache_window(kind, grid, conv_kernel)
+    full = sequence_mask(kind, text_len, grid, conv_kernel)  # (T+N, T+N)
+    n = grid * grid
+    slots = torch.zeros(text_len + n, text_len + window, dtype=torch.bool, device="cpu")
+    slots[:, :text_len] = full[:, :text_len]
+    i = torch.arange(n, device="cpu")[:, None]  # image query index
+    s = torch.arange(window, device="cpu")[None, :]  # ring slot
+    j = i - (i - s) % window  # (N, W) image index held in slot s when query i runs
+    visible = (j >= 0) & full[text_len + i, text_len + j.clamp(min=0)]
+    slots[text_len:, text_len:] = visible
+    return slots

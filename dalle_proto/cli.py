@@ -8,6 +8,7 @@
     dalle-proto train-clip --config configs/shapes.yaml
     dalle-proto generate "a red circle to the left of a blue square" --out samples.png
     dalle-proto evaluate --checkpoint runs/shapes --rerank 8 --out runs/shapes/evaluation
+    dalle-proto export runs/shapes checkpoints/shapes
 
 Training stages share one run config (YAML + `key.sub=value` overrides) and chain through its
 `out_dir`: each stage reads what the previous one wrote there.
@@ -88,6 +89,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, captions=captions, columns=args.num_images).save(out)
     print(out)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .pipeline import DallePipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        pipe = DallePipeline.from_pretrained(args.run, dtype=torch.float32)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"dalle-proto: error: {e}") from None
+    folder = pipe.save_pretrained(args.out, dtype=dtype)
+    print(f"{args.run} -> {folder} ({args.dtype} weights)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -189,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "only CLIP score and R-precision")
     ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex_help = "copy a trained model folder (e.g. a run's out_dir) to a small shippable one"
+    ex = sub.add_parser("export", help=ex_help, description=ex_help + ": text_tokenizer/, image_tokenizer/, "
+                        "transformer/, clip/ if present, and pipeline.json; no training state")
+    ex.add_argument("run", metavar="DIR", help="model folder to read, e.g. runs/shapes")
+    ex.add_argument("out", metavar="OUT", help="folder to write, e.g. checkpoints/shapes")
+    ex.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="weight dtype on disk (default: bfloat16, half the size)")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

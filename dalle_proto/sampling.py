@@ -53,6 +53,13 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, to
     logits = logits.float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
+    if top_k is not None and top_k < logits.shape[-1] and top_p is None:
+        # top-k alone: draw among the k best directly, (B, k) instead of (B, V) per token
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        values, ids = logits.topk(top_k, dim=-1)  # (B, k)
+        choice = torch.multinomial((values / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
+        return ids.gather(1, choice).squeeze(1)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_proto.attention_masks import (ATTENTION_MODES, block_layout, layer_attention_kinds,
-                                         sequence_mask)
+from dalle_proto.attention_masks import (ATTENTION_MODES, block_layout, cache_slot_mask, cache_window,
+                                         layer_attention_kinds, sequence_mask)
 from dalle_proto.pretrained import load_component, load_state_dict_strict, save_component
 
 
@@ -132,23 +132,24 @@ class SelfAttention(nn.Module):
                                        dropout_p=p)
         return self._merge(o)
 
-    def step(self, x: torch.Tensor, cache, pos: int, bias: torch.Tensor) -> torch.Tensor:
-        """KV-cache forward of positions pos .. pos + n - 1 (the text prefill: pos 0, n = T; then one
-        image token at a time). bias: this layer's (T+N, T+N) additive mask in the cache's dtype.
-
-        Only the filled part of the cache is read. The attention runs in the cache's dtype outside
-        autocast (see `DalleTransformer.new_cache`); scale, mask and QK^T are one baddbmm."""
+    def step(self, x: torch.Tensor, cache, slot: int, filled: int, bias: torch.Tensor) -> torch.Tensor:
+        """KV-cache forward of n new positions (the text prefill, then one image token at a time):
+        their K/V go to cache slots slot .. slot + n - 1, then they attend to slots 0 .. filled - 1
+        under `bias` (n, filled), an additive mask in the cache's dtype (see
+        `DalleTransformer._cached_step`). The attention runs in the cache's dtype outside autocast
+        (see `DalleTransformer.new_cache`); scale, mask and QK^T are one baddbmm."""
         q, k, v = self._split(x)  # (B, H, n, dh)
         k_cache, v_cache = cache
         b, h, n, d = q.shape
-        end = pos + n
-        k_cache[:, :, pos:end] = k
-        v_cache[:, :, pos:end] = v
-        with torch.autocast(x.device.type, enabled=False):
-            scores = torch.baddbmm(bias[pos:end, :end], q.reshape(b * h, n, d).to(k_cache.dtype),
-                                   k_cache[:, :, :end].view(b * h, end, d).transpose(1, 2),
-                                   alpha=d ** -0.5)  # (BH, n, end)
-            o = torch.bmm(scores.softmax(dim=2), v_cache[:, :, :end].view(b * h, end, d))  # (BH, n, dh)
+        k_cache[:, :, slot:slot + n] = k
+        v_cache[:, :, slot:slot + n] = v
+        # entering an autocast context costs more than this whole attention: only when it is on
+        with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
+                else contextlib.nullcontext():
+            scores = torch.baddbmm(bias, q.reshape(b * h, n, d).to(k_cache.dtype),
+                                   k_cache[:, :, :filled].view(b * h, filled, d).transpose(1, 2),
+                                   alpha=d ** -0.5)  # (BH, n, filled)
+            o = torch.bmm(scores.softmax(dim=2), v_cache[:, :, :filled].view(b * h, filled, d))  # (BH, n, dh)
         return self._merge(o.view(b, h, n, d).to(x.dtype))
 
 
@@ -226,9 +227,9 @@ class Block(nn.Module):
         x = x + self.dropout(self.post_attn(self.attn(self.norm_attn(x), masks)))
         return x + self.dropout(self.post_mlp(self.mlp(self.norm_mlp(x))))
 
-    def step(self, x: torch.Tensor, cache, pos: int, bias: torch.Tensor) -> torch.Tensor:
-        """KV-cache forward of positions pos .. pos + x.shape[1] - 1 (no dropout: inference)."""
-        x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, pos, bias))
+    def step(self, x: torch.Tensor, cache, slot: int, filled: int, bias: torch.Tensor) -> torch.Tensor:
+        """KV-cache forward of x's positions (no dropout: inference); see SelfAttention.step."""
+        x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, slot, filled, bias))
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
 
 
@@ -353,7 +354,9 @@ class DalleTransformer(nn.Module):
     # ---- KV-cache generation (see sampling.py) -----------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Preallocated per-layer (K, V) tensors (B, H, T+N, head_dim), written in place.
+        """Preallocated per-layer (K, V) tensors (B, H, T + W, head_dim), written in place: the text,
+        then a ring of the last W image positions, W = `attention_masks.cache_window` of the layer's
+        mask kind (grid + 1 for a row layer, all N for "full").
 
         dtype defaults to float32 on the CPU, whatever the weights' dtype: single-query attention is
         a few tiny batched matmuls, which CPU kernels run faster in fp32 than in bf16 (measured,
@@ -369,9 +372,12 @@ class DalleTransformer(nn.Module):
                 dtype = torch.get_autocast_dtype(device.type)
             else:
                 dtype = ref.dtype
-        shape = (batch, c.heads, c.text_len + c.image_len, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                for _ in self.blocks]
+        caches = []
+        for kind in self.kinds:  # each layer holds only the image keys its mask can reach
+            shape = (batch, c.heads, c.text_len + cache_window(kind, c.image_grid, c.conv_kernel), c.head_dim)
+            caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)))
+        return caches
 
     def prefill_text(self, text_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run the text through every layer, filling the cache; -> logits (B, Vi) for image token 0."""
@@ -386,18 +392,26 @@ class DalleTransformer(nn.Module):
         return self._cached_step(x, c.text_len + index, cache)  # (B, Vi)
 
     def _cached_step(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:  # (B, n, D) -> (B, Vi)
+        """Positions pos .. pos + n - 1 through every layer. Text position p is cache slot p; image
+        index j is slot T + j % W of a layer whose cache holds W image positions."""
+        t, n = self.config.text_len, x.shape[1]
         biases = {kind: self._mask_bias(kind, cache[0][0].dtype) for kind in set(self.kinds)}
         for block, layer_cache in zip(self.blocks, cache):
-            x = block.step(x, layer_cache, pos, biases[block.kind])
+            size = layer_cache[0].shape[2]
+            slot = pos if pos < t else t + (pos - t) % (size - t)
+            filled = min(size, pos + n)
+            x = block.step(x, layer_cache, slot, filled, biases[block.kind][pos:pos + n, :filled])
         return self.image_head(self.final_norm(x[:, -1]))
 
     def _mask_bias(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
-        """(T+N, T+N) additive mask (0 where allowed, -inf elsewhere) in `dtype`, built once per
-        kind, dtype and device (the bool mask buffers move with .to(device); this follows them)."""
-        mask = getattr(self, f"mask_{kind}")
-        key = (kind, dtype, mask.device)
+        """(T+N, T+W) additive mask over a layer's cache slots (`attention_masks.cache_slot_mask`;
+        0 allowed, -inf not), built once per kind, dtype and device."""
+        device = self.image_head.weight.device
+        key = (kind, dtype, device)
         if key not in self._mask_biases:
-            self._mask_biases[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            c = self.config
+            mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel).to(device)
+            self._mask_biases[key] = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
                 ~mask, float("-inf"))
         return self._mask_biases[key]
 

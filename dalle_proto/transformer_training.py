@@ -171,8 +171,9 @@ class TransformerLightningModule(pl.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.config
+        # fused: one kernel per step instead of a dozen foreach passes (about 3% of a CPU step)
         return torch.optim.AdamW(optimizer_param_groups(self.model, c.weight_decay), lr=lr_at(c, 0),
-                                 betas=tuple(c.betas), eps=c.eps)
+                                 betas=tuple(c.betas), eps=c.eps, fused=self.device.type in ("cpu", "cuda"))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         lr = lr_at(self.config, self.global_step, self.plateau["halvings"])

@@ -77,7 +77,8 @@ def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     pipe.config = PipelineConfig(cfg_scale=2.0, top_k=20)
     try:
         folder = pipe.save_pretrained(tmp_path / "p")
-        loaded = DallePipeline.from_pretrained(folder)
+        assert DallePipeline.from_pretrained(folder).transformer.image_head.weight.dtype == torch.bfloat16
+        loaded = DallePipeline.from_pretrained(folder, dtype=torch.float32)  # the fp32 weights it saved
         assert loaded.config == PipelineConfig(cfg_scale=2.0, top_k=20) and loaded.clip is None
         np.testing.assert_array_equal(pixels(pipe(["a red circle", "two blue squares"], num_images=2, seed=3)),
                                       pixels(loaded(["a red circle", "two blue squares"], num_images=2, seed=3)))
@@ -183,3 +184,20 @@ def test_cli_generate_without_a_model_says_how_to_get_one(tmp_path):
         main(["generate", "a red circle", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
     assert str(tmp_path / "missing") in str(e.value) and "train-text-tokenizer" in str(e.value)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_export_writes_a_bf16_folder_that_samples_like_the_bf16_loaded_original(pipe_folder, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "shipped"
+    main(["export", str(pipe_folder), str(out)])
+    with safe_open(str(out / "transformer" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert not (out / "checkpoints").exists() and (out / "pipeline.json").is_file()
+    # the transformer samples in bf16 by default either way, so the exported copy draws the same tokens
+    original, shipped = DallePipeline.from_pretrained(pipe_folder), DallePipeline.from_pretrained(out)
+    from dalle_proto.sampling import generate_image_tokens
+
+    text = original.text_tokenizer.encode(["a red circle", "two blue squares"])
+    assert torch.equal(generate_image_tokens(original.transformer, text, seed=5),
+                       generate_image_tokens(shipped.transformer, text, seed=5))
