@@ -164,3 +164,32 @@ def test_block_layout_gathers_exactly_the_sequence_mask(kind):
                     rebuilt[queries[b, i], key_index[b, slot]] = True
     assert torch.equal(rebuilt[t:], full[t:])
     assert block_layout("full", t, g) is None
+
+
+def test_cache_window_holds_exactly_the_lookback():
+    from dalle_proto.attention_masks import cache_window
+
+    assert cache_window("row", 4) == 5  # grid + 1: the previous row up to straight above, and itself
+    assert cache_window("conv", 4, conv_kernel=3) == 6  # one row up and one token left: 4 + 1 + 1
+    assert cache_window("column", 4) == 13  # up to the top of its own column: 3 rows back + itself
+    assert cache_window("full", 4) == 16  # never more than the image
+
+
+def test_cache_slot_mask_is_the_sequence_mask_folded_onto_the_ring():
+    from dalle_proto.attention_masks import cache_slot_mask, cache_window
+
+    t, g = 2, 3
+    slots = cache_slot_mask("row", t, g)  # (T + N, T + W) = (11, 6), W = 4
+    assert slots.shape == (t + g * g, t + 4)
+    # image query 5 (row 1, col 2) sees image 2..5; image j sits in slot T + j % 4: 2->4, 3->5, 4->2, 5->3
+    expected = torch.tensor([1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    assert torch.equal(slots[t + 5], expected)
+    # image query 1 sees images 0, 1 only; slots of images 2, 3 are not written yet
+    assert torch.equal(slots[t + 1], torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool))
+    # text queries: causal text, no image slot
+    assert torch.equal(slots[0], torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool))
+    for kind in ("row", "column", "conv", "full"):  # every key the full mask allows is on the ring
+        full = sequence_mask(kind, t, g, conv_kernel=3)
+        ring = cache_slot_mask(kind, t, g, conv_kernel=3)
+        assert ring.shape[1] == t + cache_window(kind, g, conv_kernel=3)
+        assert torch.equal(ring.sum(1), full.sum(1)), kind
