@@ -111,16 +111,33 @@ class TextTokenizer:
 
     def encode_ids(self, caption: str) -> list[int]:
         """BPE ids of one caption, truncated to text_len, without pads."""
-        return self._tokenizer.encode(_check_caption(caption, 0)).ids
+        return self._encode_all([_check_caption(caption, 0)])[0]
 
     def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
         """A caption -> (text_len,) LongTensor; a list of B captions -> (B, text_len)."""
         if isinstance(captions, str):
             return self._pad(self.encode_ids(captions))  # (T,)
         captions = [_check_caption(c, i) for i, c in enumerate(captions)]
-        encodings = self._tokenizer.encode_batch(captions) if captions else []
-        rows = [enc.ids + self._pad_ids[len(enc.ids):] for enc in encodings]
+        rows = [ids + self._pad_ids[len(ids):] for ids in self._encode_all(captions)]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.text_len)  # (B, T)
+
+    def _encode_all(self, captions: list[str]) -> list[list[int]]:
+        """BPE ids per caption, truncated to text_len. BPE dropout splits words into more ids; where
+        that pushes a caption past text_len, its deterministic ids are used instead: cutting words
+        off the end would teach the model that the end of a caption (a position, the second object)
+        does not matter."""
+        encodings = self._tokenizer.encode_batch(captions) if captions else []
+        dropout = self._tokenizer.model.dropout
+        cut = [i for i, enc in enumerate(encodings) if enc.overflowing] if dropout is not None else []
+        ids = [enc.ids for enc in encodings]
+        if cut:
+            self._tokenizer.model.dropout = None
+            try:
+                for i, enc in zip(cut, self._tokenizer.encode_batch([captions[i] for i in cut])):
+                    ids[i] = enc.ids
+            finally:
+                self._tokenizer.model.dropout = dropout
+        return ids
 
     def null_ids(self) -> torch.Tensor:
         """The empty caption: all per-position pads, (text_len,). The unconditional text for CFG."""

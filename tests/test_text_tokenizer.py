@@ -150,6 +150,23 @@ def test_bpe_dropout_only_in_training_mode(tok):
     assert not tok.training
 
 
+def test_bpe_dropout_never_cuts_off_a_caption_that_fits_without_it():
+    caption = "a drawing of a purple star to the right of a large orange cross"
+    fitted = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(vocab_size=16384, text_len=TEXT_LEN,
+                                                                        bpe_dropout=0.5))
+    deterministic = fitted.encode_ids(caption)
+    tight = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(vocab_size=16384, bpe_dropout=0.5,
+                                                                       text_len=len(deterministic)))
+    tight.train()
+    # dropout at 0.5 splits words into more ids than text_len holds: those rows fall back to the
+    # deterministic ids, so every row still decodes to the whole caption
+    rows = tight.encode([caption] * 50)
+    assert set(tight.decode(rows)) == {caption}
+    assert [tight.encode_ids(caption) for _ in range(5)] == [deterministic] * 5
+    short = "a red circle"  # short captions keep their dropout variety
+    assert len({tuple(row) for row in tight.encode([short] * 50).tolist()}) > 1
+
+
 def test_zero_dropout_is_deterministic_in_training_mode():
     plain = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(text_len=TEXT_LEN, bpe_dropout=0.0))
     plain.train()
