@@ -147,6 +147,12 @@ def block_layout(kind: str, text_len: int, grid: int, conv_kernel: int = 11):
     return query_order, key_index, key_mask
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool mask (True = may attend) -> additive mask in `dtype`: 0 where allowed, -inf elsewhere.
+    Added to attention scores, it spares the kernels any boolean-mask handling."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def cache_window(kind: str, grid: int, conv_kernel: int = 11) -> int:
     """How many image positions a KV cache of this mask kind must hold: the lookback plus the
     query itself, at most the whole image. Image index j lives in slot j % window (a ring), so a

@@ -12,22 +12,21 @@ import torch
 import torch.nn.functional as F
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_blocks: int,
-                           text_bias: torch.Tensor, image_bias: torch.Tensor, transposed: bool,
-                           dropout_p: float = 0.0) -> torch.Tensor:
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_bias: torch.Tensor,
+                           image_bias: torch.Tensor, transposed: bool, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention over the whole text + image sequence that only computes what a sparse mask can
     reach (layout from `attention_masks.block_layout`). q, k, v: (B, H, T+N, dh), N = g*g.
 
     Text queries: causal attention over the text. Image queries come in `g` blocks of g (image
-    rows, or columns when `transposed`); block b sees all text and the image blocks b - window_blocks
-    .. b, a window cut by slicing (no gather). Scores against the text are one large matmul for all
+    rows, or columns when `transposed`); block b sees all text and the image blocks b - w .. b
+    (W = (w + 1) * g keys), a window cut by slicing (no gather). Scores against the text are one large matmul for all
     image queries; scores inside the windows one batched matmul; a joint softmax covers both.
     text_bias: (T, T) and image_bias: (g, g, W) additive masks (0 allowed, -inf not): the causal
     text mask, and each image block's window.
     """
     b, h, length, d = q.shape
     g = image_bias.shape[0]
-    t, n, w = length - g * g, g * g, window_blocks
+    t, n, w = length - g * g, g * g, image_bias.shape[2] // g - 1
     # the text block is small (T x T): a plain masked softmax beats the CPU flash kernel's backward
     # biases in the scores' dtype: under bf16 autocast the softmax then stays in bf16 (it accumulates
     # in fp32 internally) and no (B, H, g, g, T + W) probability tensor is cast back

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_proto.attention_masks import (ATTENTION_MODES, block_layout, cache_slot_mask, cache_window,
-                                         layer_attention_kinds, sequence_mask)
+from dalle_proto.attention_masks import (ATTENTION_MODES, additive_mask, block_layout, cache_slot_mask,
+                                         cache_window, layer_attention_kinds, sequence_mask)
 from dalle_proto.pretrained import load_component, load_state_dict_strict, save_component
 from dalle_proto.sparse_attention import block_sparse_attention
 
@@ -128,9 +128,8 @@ class SelfAttention(nn.Module):
         elif masks["dense"]:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
         else:
-            o = block_sparse_attention(q, k, v, masks[f"{self.kind}_window_blocks"], masks["text_bias"],
-                                       masks[f"{self.kind}_image_bias"], transposed=self.kind == "column",
-                                       dropout_p=p)
+            o = block_sparse_attention(q, k, v, masks["text_bias"], masks[f"{self.kind}_image_bias"],
+                                       transposed=self.kind == "column", dropout_p=p)
         return self._merge(o)
 
     def step(self, x: torch.Tensor, cache, slot: int, filled: int, bias: torch.Tensor) -> torch.Tensor:
@@ -207,20 +206,16 @@ class DalleTransformer(nn.Module):
             self.image_head.weight = self.image_embedding.weight
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
-        self._window_blocks: dict[str, int] = {}
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
         causal_text = torch.ones(c.text_len, c.text_len, dtype=torch.bool, device="cpu").tril()
-        self.register_buffer("mask_text_bias", torch.zeros(causal_text.shape, device="cpu").masked_fill(
-            ~causal_text, float("-inf")), persistent=False)
+        self.register_buffer("mask_text_bias", additive_mask(causal_text), persistent=False)
         for kind in sorted(set(self.kinds)):
             self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid,
                                                                c.conv_kernel), persistent=False)
             layout = block_layout(kind, c.text_len, c.image_grid, c.conv_kernel)
-            if layout is not None:  # block-sparse fast path: each block's image window, as an additive mask
-                window_mask = layout[2][:, :, c.text_len:]  # (g, g, W)
-                self._window_blocks[kind] = window_mask.shape[2] // c.image_grid - 1
-                self.register_buffer(f"mask_{kind}_image_bias", torch.zeros(window_mask.shape, device="cpu").masked_fill(
-                    ~window_mask, float("-inf")), persistent=False)
+            if layout is not None:  # block-sparse fast path: each block's image window, (g, g, W)
+                self.register_buffer(f"mask_{kind}_image_bias", additive_mask(layout[2][:, :, c.text_len:]),
+                                     persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):  # GPT-2: scale residual writes
@@ -237,11 +232,9 @@ class DalleTransformer(nn.Module):
 
     # ---- helpers -----------------------------------------------------------------------------
     def masks(self) -> dict:
-        """Mask buffers by name ("row", "row_image_bias", ...), each block-sparse kind's window size
-        in blocks ("row_window_blocks"), and the "dense" switch."""
+        """Mask buffers by name ("row", "row_image_bias", "text_bias", ...), plus the "dense" switch."""
         found = {name[len("mask_"):]: buf for name, buf in self.named_buffers() if name.startswith("mask_")}
-        windows = {f"{kind}_window_blocks": w for kind, w in self._window_blocks.items()}
-        return {**found, **windows, "dense": self._dense}
+        return {**found, "dense": self._dense}
 
     @contextlib.contextmanager
     def dense_attention(self):
@@ -365,8 +358,7 @@ class DalleTransformer(nn.Module):
         if key not in self._mask_biases:
             c = self.config
             mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel).to(device)
-            self._mask_biases[key] = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-                ~mask, float("-inf"))
+            self._mask_biases[key] = additive_mask(mask, dtype)
         return self._mask_biases[key]
 
     # ---- save / load ---------------------------------------------------------------------------
