@@ -13,6 +13,9 @@ conv layers).
 - sample: batch 8, all 256 image tokens with the KV cache (`sampling.generate_image_tokens`),
   top-k over 10% of the image vocabulary (dalle-pytorch's `filter_thres=0.9`), no guidance;
   "bf16" samples with a bf16 copy of the weights (no autocast), "fp32" with the fp32 weights.
+- malloc: like the training stages, the script first calls `cpu_memory.retain_freed_memory()`
+  (glibc keeps freed activation buffers instead of page-faulting them in again every step);
+  `--default-malloc` measures without it.
 - peak: this machine's measured matmul throughput (n = 2048, fp32 and bf16) and the fraction of it
   the training step reaches (FLOPs: 6 x matmul parameters x tokens + attention over the blocks the
   sparse layers compute).
@@ -37,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from dalle_proto.cpu_memory import retain_freed_memory  # noqa: E402
 from dalle_proto.sampling import generate_image_tokens  # noqa: E402
 from dalle_proto.transformer import DalleTransformer, TransformerConfig  # noqa: E402
 from dalle_proto.transformer_training import optimizer_param_groups  # noqa: E402
@@ -137,12 +141,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="skip cpu_memory.retain_freed_memory(), which every training stage calls")
     args = parser.parse_args()
+    retained = False if args.default_malloc else retain_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = DalleTransformer(TransformerConfig.from_size("peer", attention=args.attention))
     result: dict = {"attention": args.attention, "threads": torch.get_num_threads(),
-                    "params_millions": round(model.num_parameters() / 1e6, 3), "torch": torch.__version__}
+                    "params_millions": round(model.num_parameters() / 1e6, 3), "torch": torch.__version__,
+                    "retain_freed_memory": retained}
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     result.update(matmul_peak_gflops_fp32=round(peak["fp32"], 1), matmul_peak_gflops_bf16=round(peak["bf16"], 1))
     flops = train_flops(model, TRAIN_BATCH)

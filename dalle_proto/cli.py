@@ -101,8 +101,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         pipe = DallePipeline.from_pretrained(args.run, dtype=torch.float32)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dalle-proto: error: {e}") from None
+    for name in ("cfg_scale", "temperature", "top_k", "top_p"):  # new sampling defaults for pipeline.json
+        if getattr(args, name) is not None:
+            setattr(pipe.config, name, getattr(args, name))
     folder = pipe.save_pretrained(args.out, dtype=dtype)
-    print(f"{args.run} -> {folder} ({args.dtype} weights)")
+    print(f"{args.run} -> {folder} ({args.dtype} weights; sampling defaults {pipe.config})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -212,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", metavar="OUT", help="folder to write, e.g. checkpoints/shapes")
     ex.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="weight dtype on disk (default: bfloat16, half the size)")
+    ex.add_argument("--cfg-scale", type=float, default=None,
+                    help="default guidance scale to write to pipeline.json (pick one with "
+                         "benchmarks/guidance_sweep.py); default: keep the source folder's")
+    ex.add_argument("--temperature", type=float, default=None, help="default sampling temperature for pipeline.json")
+    ex.add_argument("--top-k", type=int, default=None, help="default top-k for pipeline.json")
+    ex.add_argument("--top-p", type=float, default=None, help="default top-p for pipeline.json")
     ex.set_defaults(func=cmd_export)
     return parser
 

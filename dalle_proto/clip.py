@@ -20,14 +20,13 @@ closest to the caption's. This model is trained from scratch on the project's ow
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_proto.pretrained import WEIGHTS_NAME, load_component, load_state_dict_strict, save_component
+from dalle_proto.pretrained import PretrainedMixin
 
 RANGE_TOLERANCE = 1e-3
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -129,7 +128,9 @@ class TextEncoder(nn.Module):
         return self.proj(pooled)  # (B, E)
 
 
-class ClipModel(nn.Module):
+class ClipModel(PretrainedMixin, nn.Module):
+    config_class = ClipConfig
+
     def __init__(self, config: ClipConfig):
         super().__init__()
         self.config = config
@@ -187,15 +188,3 @@ class ClipModel(nn.Module):
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image embeddings (B, E), text embeddings (B', E)), both unit norm."""
         return self.encode_image(images), self.encode_text(text_ids)
-
-    # ---- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None):
-        """Write `folder/config.json` + `folder/model.safetensors` (no pickle)."""
-        return save_component(folder, self.config, self.state_dict(), dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ClipModel":
-        config, state_dict = load_component(folder, ClipConfig)
-        model = cls(config)
-        load_state_dict_strict(model, state_dict, source=os.path.join(str(folder), WEIGHTS_NAME))
-        return model.eval()

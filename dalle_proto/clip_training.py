@@ -44,6 +44,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint
 from dalle_proto.clip import ClipConfig, ClipModel
+from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.datasets.augmentation import DalleImageAugmentation
 from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, POSITIONS, RELATIONS, SHAPES, SIZES,
                                                  compose_caption, is_held_out, parse_caption)
@@ -287,6 +288,7 @@ def train_clip(clip_config: ClipConfig, train_config: ClipTrainConfig, text_toke
         raise ValueError(f"the text tokenizer has total_vocab_size={text_tokenizer.total_vocab_size}, "
                          f"text_len={text_tokenizer.text_len} but ClipConfig has text_vocab_size="
                          f"{clip_config.text_vocab_size}, text_len={clip_config.text_len}; they must match")
+    retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every (re)start
     module = ClipLightningModule(ClipModel(clip_config), c)
     checkpoint_dir = out_dir / "checkpoints"

@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpointing import AtomicCheckpointIO, last_checkpoint
+from .cpu_memory import retain_freed_memory
 from .datasets.augmentation import DalleImageAugmentation
 from .discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_adv_loss
 from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig
@@ -431,6 +432,7 @@ def train_image_tokenizer(model_config: ImageTokenizerConfig, train_config: Imag
         raise ValueError("train_image_tokenizer: train_dataset and eval_dataset must not be empty")
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ImageTokenizerModule(model_config, cfg, train_dataset, eval_dataset, out_dir)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="step{step:07d}", save_top_k=0, save_last=True,

@@ -89,6 +89,26 @@ def load_component(folder: str | os.PathLike, config_cls: type[C]) -> tuple[C, d
     return config, load_file(str(folder / WEIGHTS_NAME))
 
 
+class PretrainedMixin:
+    """`save_pretrained` / `from_pretrained` for an nn.Module built as `cls(config)` from one
+    dataclass config of type `config_class` (the diffusers ModelMixin pattern, in a few lines)."""
+
+    config_class: type
+
+    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write `folder/config.json` + `folder/model.safetensors` (no pickle); `dtype` (e.g.
+        torch.bfloat16) casts the floating-point weights."""
+        return save_component(folder, self.config, self.state_dict(), dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike):
+        """The model `save_pretrained` wrote, in eval mode; config and weights are checked strictly."""
+        config, state_dict = load_component(folder, cls.config_class)
+        model = cls(config)
+        load_state_dict_strict(model, state_dict, source=os.path.join(str(folder), WEIGHTS_NAME))
+        return model.eval()
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """`module.load_state_dict(strict=True)` with an error that names the file and every bad key."""
     own = module.state_dict()

@@ -121,15 +121,17 @@ class SelfAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, T+N, D)
-        q, k, v = self._split(x)  # (B, H, T+N, dh)
         p = self.dropout if self.training else 0.0
+        if self.kind != "full" and not masks["dense"]:
+            b, n, _ = x.shape
+            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # (B, T+N, 3, H, dh)
+            return self.out(block_sparse_attention(qkv, masks["text_bias"], masks[f"{self.kind}_image_bias"],
+                                                   transposed=self.kind == "column", dropout_p=p))
+        q, k, v = self._split(x)  # (B, H, T+N, dh)
         if self.kind == "full":  # the sequence mask of "full" is exactly plain causal attention
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        elif masks["dense"]:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
         else:
-            o = block_sparse_attention(q, k, v, masks["text_bias"], masks[f"{self.kind}_image_bias"],
-                                       transposed=self.kind == "column", dropout_p=p)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
         return self._merge(o)
 
     def step(self, x: torch.Tensor, cache, slot: int, filled: int, bias: torch.Tensor) -> torch.Tensor:

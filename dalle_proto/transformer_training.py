@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint
+from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.pretrained import load_state_dict_strict
 from dalle_proto.training_callbacks import SampleGrid, StepCheckpoint
 from dalle_proto.transformer import Block, DalleTransformer, TransformerConfig
@@ -293,6 +294,7 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
                              caption_dropout=c.caption_dropout, val_batches=c.val_batches if validates else 0,
                              num_workers=c.num_workers)
 
+    retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start
     module = TransformerLightningModule(DalleTransformer(transformer_config), c)
     checkpoint_dir = out_dir / "checkpoints"

@@ -3,6 +3,8 @@
 The parts are built untrained and tiny (32 px images, an 8x8 token grid), so sampling takes well
 under a second; what is tested is the plumbing, not the pictures.
 """
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -201,3 +203,11 @@ def test_cli_export_writes_a_bf16_folder_that_samples_like_the_bf16_loaded_origi
     text = original.text_tokenizer.encode(["a red circle", "two blue squares"])
     assert torch.equal(generate_image_tokens(original.transformer, text, seed=5),
                        generate_image_tokens(shipped.transformer, text, seed=5))
+
+
+def test_cli_export_writes_the_given_sampling_defaults_and_keeps_the_others(pipe_folder, tmp_path):
+    out = tmp_path / "shipped"
+    main(["export", str(pipe_folder), str(out), "--cfg-scale", "1.5", "--top-k", "32"])
+    values = json.loads((out / "pipeline.json").read_text())
+    assert values == {**dataclasses.asdict(PipelineConfig()), "cfg_scale": 1.5, "top_k": 32}
+    assert DallePipeline.from_pretrained(out).config.cfg_scale == 1.5

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from dalle_proto.pretrained import WEIGHTS_NAME, load_component, load_state_dict_strict, save_component
+from dalle_proto.pretrained import PretrainedMixin
 
 from .dvae import DVAEDecoder, DVAEEncoder, logits_to_image, map_pixels
 from .quantizers import GumbelQuantizer, OneHotQuantizer, VectorQuantizer
@@ -90,7 +90,7 @@ class ImageTokenizerConfig:
         return self.resolution // self.downsample_factor
 
 
-class ImageTokenizer(nn.Module):
+class ImageTokenizer(PretrainedMixin, nn.Module):
     """Discrete image autoencoder.
 
     Images are float tensors (B, 3, H, W) with values in [-1, 1] (taming's range; checked, with a
@@ -99,6 +99,8 @@ class ImageTokenizer(nn.Module):
     built/trained for. Tokens are LongTensors (B, h, w) in raster order, values in [0, codebook_size).
     For kind "dvae" the [-1, 1] input is converted to the dVAE's [0, 1] + map_pixels (eps 0.1) inside.
     """
+
+    config_class = ImageTokenizerConfig
 
     def __init__(self, config: ImageTokenizerConfig):
         super().__init__()
@@ -205,18 +207,7 @@ class ImageTokenizer(nn.Module):
     def _decoder_dtype(self) -> torch.dtype:
         return next(self.decoder.parameters()).dtype
 
-    # ---- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write `folder/config.json` + `folder/model.safetensors` (no pickle)."""
-        save_component(folder, self.config, self.state_dict(), dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ImageTokenizer":
-        config, state_dict = load_component(folder, ImageTokenizerConfig)
-        model = cls(config)
-        load_state_dict_strict(model, state_dict, source=os.path.join(str(folder), WEIGHTS_NAME))
-        return model.eval()
-
+    # ---- loading other formats (save_pretrained / from_pretrained: PretrainedMixin) ----------------
     @classmethod
     def from_taming(cls, config_yaml: str | os.PathLike, ckpt_path: str | os.PathLike) -> "ImageTokenizer":
         """Load a taming-transformers VQModel / GumbelVQ (yaml + Lightning .ckpt), strictly."""
