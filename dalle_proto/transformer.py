@@ -112,9 +112,12 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(inner, config.dim)
         self.dropout = config.dropout
 
-    def _split(self, x: torch.Tensor):  # (B, L, D) -> 3 x (B, H, L, dh)
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, 3, H, dh)
         b, n, _ = x.shape
-        return self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+
+    def _split(self, x: torch.Tensor):  # (B, L, D) -> 3 x (B, H, L, dh)
+        return self._qkv(x).permute(2, 0, 3, 1, 4)
 
     def _merge(self, o: torch.Tensor) -> torch.Tensor:  # (B, H, L, dh) -> (B, L, D)
         b, h, n, d = o.shape
@@ -123,9 +126,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, T+N, D)
         p = self.dropout if self.training else 0.0
         if self.kind != "full" and not masks["dense"]:
-            b, n, _ = x.shape
-            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # (B, T+N, 3, H, dh)
-            return self.out(block_sparse_attention(qkv, masks["text_bias"], masks[f"{self.kind}_image_bias"],
+            return self.out(block_sparse_attention(self._qkv(x), masks["text_bias"], masks[f"{self.kind}_image_bias"],
                                                    transposed=self.kind == "column", dropout_p=p))
         q, k, v = self._split(x)  # (B, H, T+N, dh)
         if self.kind == "full":  # the sequence mask of "full" is exactly plain causal attention
