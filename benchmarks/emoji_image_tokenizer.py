@@ -4,7 +4,8 @@
     python3 benchmarks/emoji_image_tokenizer.py --model runs/emoji/image_tokenizer
 
 Prints the mean per-image PSNR ([0, 1] scale) over all 3,953 named emoji at the tokenizer's
-resolution and the number of codes their tokens use. Last stdout line: one JSON object.
+resolution, the number of codes their tokens use and the other figures of
+`benchmarks/image_tokenizer.py`'s measurement. Last stdout line: one JSON object.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.image_tokenizer import evaluate  # noqa: E402  (the shapes benchmark's measurement)
 from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
 from dalle_proto.datasets.emoji import OpenMojiEmoji  # noqa: E402
 from dalle_proto.image_tokenizer import ImageTokenizer  # noqa: E402
-from dalle_proto.image_tokenizer_training import psnr_db  # noqa: E402
 
 
 def main() -> None:
@@ -30,15 +31,9 @@ def main() -> None:
     args = parser.parse_args()
     model = ImageTokenizer.from_pretrained(args.model).float()
     data = OpenMojiEmoji(image_size=model.config.resolution)
-    psnrs, counts = [], torch.zeros(model.codebook_size, dtype=torch.long)
-    with torch.no_grad():
-        for start in range(0, len(data), 256):
-            x = torch.stack([pil_to_tensor(data[i][0]) for i in range(start, min(start + 256, len(data)))])
-            recon, ids, _ = model(x)  # (b, 3, S, S), (b, h, w)
-            psnrs.append(psnr_db(recon, x))
-            counts += torch.bincount(ids.flatten(), minlength=model.codebook_size)
-    result = {"psnr_db": round(float(torch.cat(psnrs).mean()), 2), "images": len(data),
-              "codes_used": int((counts > 0).sum()), "codebook_usage": float((counts > 0).float().mean())}
+    images = torch.stack([pil_to_tensor(data[i][0]) for i in range(len(data))])  # (N, 3, S, S)
+    result = {**evaluate(model, images), "images": len(data)}
+    result["psnr_db"] = round(result["psnr_db"], 2)
     print(f"PSNR {result['psnr_db']} dB over {len(data)} emoji; codes used {result['codes_used']}/{model.codebook_size}")
     print(json.dumps(result))
 

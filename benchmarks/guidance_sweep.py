@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dalle_proto.evaluation import CATEGORIES, prompt_set, sample_prompts  # noqa: E402
+from dalle_proto.evaluation import CATEGORIES, accuracy_table, prompt_set, sample_prompts  # noqa: E402
 from dalle_proto.pipeline import DallePipeline  # noqa: E402
 from dalle_proto.shapes_evaluator import evaluate_each  # noqa: E402
 
@@ -51,11 +51,9 @@ def main() -> None:
             pipe.config.temperature = temperature
             images = sample_prompts(pipe, captions, args.seed, args.batch_size, None, cfg_scale,
                                     desc=f"cfg {cfg_scale} temperature {temperature}")
-            results = evaluate_each(images, captions)
-            full = {c: statistics.mean(r.correct for r, p in zip(results, prompts) if p.category == c)
-                    for c in CATEGORIES}
-            colour_shape = statistics.mean(r.attributes["color_shape"] for r, p in zip(results, prompts)
-                                           if p.category == "single")
+            table = accuracy_table(evaluate_each(images, captions), prompts)
+            full = {c: table[c]["full"] for c in CATEGORIES}
+            colour_shape = table["single"]["color_shape"]
             row = {"cfg_scale": cfg_scale, "temperature": temperature, "full": full,
                    "mean_full": statistics.mean(full.values()), "single_color_shape": colour_shape,
                    "seconds": round(time.time() - start, 1)}

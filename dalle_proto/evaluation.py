@@ -186,6 +186,20 @@ def sample_prompts(pipe: Any, captions: Sequence[str], seed: int, batch_size: in
     return torch.stack(images)  # (N, 3, H, W)
 
 
+def accuracy_table(results: Sequence[Any], prompts: Sequence[Prompt]) -> dict:
+    """Per category of `prompts`: the fraction of each stated attribute the evaluator's `results`
+    (one per prompt) found right, "full" (whole caption right, nothing else shown) and "n"."""
+    table = {}
+    for category in CATEGORIES:
+        rows = [r for r, p in zip(results, prompts) if p.category == category]
+        counts = Counter(a for r in rows for a in r.attributes)
+        hits = Counter(a for r in rows for a, ok in r.attributes.items() if ok)
+        table[category] = {a: hits[a] / counts[a] for a in ATTRIBUTES if counts[a]}
+        table[category]["full"] = sum(r.correct for r in rows) / len(rows)
+        table[category]["n"] = len(rows)
+    return table
+
+
 def _pass_metrics(pipe: Any, prompts: list[Prompt], images: torch.Tensor, reference: torch.Tensor | None,
                   seed: int, shapes: bool) -> dict:
     captions = [p.caption for p in prompts]
@@ -193,15 +207,7 @@ def _pass_metrics(pipe: Any, prompts: list[Prompt], images: torch.Tensor, refere
     metrics: dict[str, Any] = {"n": len(prompts)}
     if shapes:
         results = evaluate_each(images, captions)
-        table = {}
-        for category in CATEGORIES:
-            rows = [r for r, p in zip(results, prompts) if p.category == category]
-            counts = Counter(a for r in rows for a in r.attributes)
-            hits = Counter(a for r in rows for a, ok in r.attributes.items() if ok)
-            table[category] = {a: hits[a] / counts[a] for a in ATTRIBUTES if counts[a]}
-            table[category]["full"] = sum(r.correct for r in rows) / len(rows)
-            table[category]["n"] = len(rows)
-        metrics["accuracy"] = table
+        metrics["accuracy"] = accuracy_table(results, prompts)
         cells = []
         for r, p in zip(results, prompts):
             spec = parse_caption(p.caption)
