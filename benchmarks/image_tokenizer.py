@@ -2,6 +2,7 @@
 
     python3 benchmarks/image_tokenizer.py --fresh       # configs/shapes.yaml -> runs/shapes/image_tokenizer
     python3 benchmarks/image_tokenizer.py --out runs/x image_tokenizer_training.steps=300
+    python3 benchmarks/image_tokenizer.py --measure checkpoints/shapes/image_tokenizer   # no training
 
 It trains exactly what `dalle-proto train-image-tokenizer --config configs/shapes.yaml` trains (same
 run config, same `train_image_tokenizer`, same folders under `out_dir`), then measures it.
@@ -9,7 +10,9 @@ run config, same `train_image_tokenizer`, same folders under `out_dir`), then me
 Prints PSNR on 512 eval-split shapes renders (64 px; mean of per-image PSNR on the [0, 1] scale,
 plus PSNR of the pooled MSE), codebook usage (fraction of all codes that those 512 images' tokens
 use), the agreement of bf16-autocast tokens with fp32 tokens (what `encode_to_cache(bf16=True)`
-costs), wall time and steps/s. Bars: PSNR >= 30 dB, usage >= 0.9, <= 30 minutes of training.
+costs), the shapes evaluator's whole-caption accuracy on the reconstructions (the ceiling of any
+transformer sampling through this tokenizer), wall time and steps/s. Bars: PSNR >= 30 dB,
+usage >= 0.9, <= 30 minutes of training.
 Rerunning with the same --out resumes from its last.ckpt (`--fresh` deletes it first); the
 reported minutes are then this invocation's only. Last stdout line: one JSON object.
 """
@@ -33,6 +36,7 @@ from dalle_proto.datasets.shapes import ShapesDataset  # noqa: E402
 from dalle_proto.image_tokenizer import ImageTokenizer  # noqa: E402
 from dalle_proto import stages  # noqa: E402
 from dalle_proto.image_tokenizer_training import psnr_db  # noqa: E402
+from dalle_proto.shapes_evaluator import evaluate_batch  # noqa: E402
 from dalle_proto.run_config import load_run_config  # noqa: E402
 
 EVAL_IMAGES = 512
@@ -68,6 +72,32 @@ def evaluate(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 64) 
     }
 
 
+@torch.no_grad()
+def reconstruction_caption_accuracy(model: ImageTokenizer, images: torch.Tensor, captions: list[str],
+                                    batch_size: int = 64) -> dict:
+    """Whole-caption accuracy of the shapes evaluator on the tokenizer's reconstructions, per scene
+    type: the ceiling that any transformer sampling through this tokenizer can reach."""
+    model.eval()
+    recon = torch.cat([model(images[i:i + batch_size])[0].clamp(-1, 1)
+                       for i in range(0, len(images), batch_size)])  # (N, 3, S, S)
+    report = evaluate_batch(recon, captions)
+    return {"recon_caption_accuracy": report["overall"],
+            **{f"recon_caption_accuracy_{kind}": figures["overall"] for kind, figures in report["by_type"].items()}}
+
+
+def eval_renders(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, list[str]]:
+    bench_set = ShapesDataset(EVAL_IMAGES, seed=seed, size=size, split="eval")
+    images = torch.stack([pil_to_tensor(bench_set[i][0]) for i in range(EVAL_IMAGES)])  # (512, 3, S, S)
+    return images, [bench_set.scene(i).caption for i in range(EVAL_IMAGES)]
+
+
+def measure_only(folder: str) -> None:
+    model = ImageTokenizer.from_pretrained(folder).float()  # shipped folders may hold bf16 weights
+    images, captions = eval_renders(size=model.config.resolution)
+    figures = {**evaluate(model, images), **reconstruction_caption_accuracy(model, images, captions)}
+    print(json.dumps({"image_tokenizer": folder, **figures}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=None,
@@ -75,8 +105,13 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="the run's out_dir (default: the config's out_dir)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete out_dir/image_tokenizer_training first (train from scratch)")
+    parser.add_argument("--measure", default=None, metavar="DIR",
+                        help="measure this trained image tokenizer folder instead of training one")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.measure:
+        measure_only(args.measure)
+        return
     paths = args.config or [str(REPO / "configs" / "shapes.yaml")]
     config = load_configs(paths, args.overrides + ([f"out_dir={args.out}"] if args.out else []))
     model_config, train_config = config.image_tokenizer, config.image_tokenizer_training
@@ -93,10 +128,9 @@ def main() -> None:
     train_seconds = time.time() - start
     steps = train_config.steps
 
-    bench_set = ShapesDataset(EVAL_IMAGES, seed=seed, size=size, split="eval")
-    images = torch.stack([pil_to_tensor(bench_set[i][0]) for i in range(EVAL_IMAGES)])  # (512, 3, S, S)
+    images, captions = eval_renders(seed, size)
     eval_start = time.time()
-    figures = evaluate(model, images)
+    figures = {**evaluate(model, images), **reconstruction_caption_accuracy(model, images, captions)}
     params = sum(p.numel() for p in model.parameters())
     result = {
         **figures,

@@ -13,12 +13,24 @@ shapes set repeats "a red circle") are not counted as negatives of each other.
 
 Caption negatives (`caption_negatives` k > 0, shapes captions only): every caption of the batch gets
 k perturbed copies with one attribute changed through the grammar (a colour, a shape, the size, the
-position, the relation, the two objects swapped, the number); they join the image->text side as
-extra negatives for every image of the batch. Random in-batch captions rarely differ from the true
+position, the relation, the two objects swapped, the number; with `exchange_negatives`, also the
+two objects' colours or shapes exchanged); they join the image->text side as extra negatives for
+every image of the batch. Random in-batch captions rarely differ from the true
 one in a single word, so without these the model can get away with a bag of words; with them it
-must bind colour to shape and read the relation. A perturbation never names a held-out colour-shape
+should learn to bind colour to shape and read the relation (for pairs it has not yet: see
+`benchmarks/reranking.py`). A perturbation never names a held-out colour-shape
 pair (SHAPES.md: those never appear in training captions). `train/hard_acc` logs how often an image
 scores its own caption above all of its own perturbations.
+
+Image negatives (`image_negatives` k > 0, shapes captions only): the same perturbations, rendered
+(`render_caption`), join the caption->image side as extra negatives of the caption they were made
+from. Reranking compares images for one caption, and a sampled image usually misses by one attribute
+(two objects swapped, one colour wrong); caption negatives alone teach the image->text direction,
+these teach the direction reranking uses. `train/hard_image_acc` logs how often a caption scores
+its own image above all of its rendered perturbations. Measured on the shapes model (BENCHMARKS.md,
+"Reranking"): 2 image negatives tripled the step time and did not make the CLIP tell a pair from its
+swapped version (`benchmarks/reranking.py` binding probe, still near chance), so the shipped config
+leaves them off.
 
 The run folder `out_dir` gets `checkpoints/last.ckpt` (atomic, every `checkpoint_every` steps and
 at the end; calling train_clip again resumes exactly), `logs/version_N/metrics.csv` (loss, in-batch
@@ -46,6 +58,7 @@ from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint
 from dalle_proto.clip import ClipConfig, ClipModel
 from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.datasets.augmentation import DalleImageAugmentation
+from dalle_proto.datasets.shapes import render_caption
 from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, POSITIONS, RELATIONS, SHAPES, SIZES,
                                                  compose_caption, is_held_out, parse_caption)
 from dalle_proto.pretrained import load_state_dict_strict
@@ -53,6 +66,7 @@ from dalle_proto.training_callbacks import StepCheckpoint
 from dalle_proto.transformer_data import ResumableDataLoader, StepBatchSampler, step_rng
 
 _PERTURB = 3  # step_rng purpose of the caption perturbations (0-2 are transformer_data's)
+_PERTURB_IMAGE = 4  # step_rng purpose of the rendered perturbations
 
 
 @dataclass
@@ -66,6 +80,8 @@ class ClipTrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     caption_negatives: int = 2  # perturbed copies per shapes caption as extra negatives; 0 disables
+    image_negatives: int = 0  # renders of perturbed captions per shapes caption as extra negatives
+    exchange_negatives: bool = False  # pair perturbations may also exchange the objects' colours / shapes
     precision: str = "32-true"  # any Lightning precision string
     log_every: int = 20
     checkpoint_every: int = 500
@@ -83,8 +99,8 @@ class ClipTrainConfig:
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two values in [0, 1)"),
             (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
              "warmup_steps must be >= 0 and min_lr_ratio in [0, 1]"),
-            (min(self.grad_clip, self.caption_negatives, self.num_workers) >= 0,
-             "grad_clip, caption_negatives and num_workers must be >= 0"),
+            (min(self.grad_clip, self.caption_negatives, self.image_negatives, self.num_workers) >= 0,
+             "grad_clip, caption_negatives, image_negatives and num_workers must be >= 0"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
         ]
         for ok, message in checks:
@@ -100,9 +116,11 @@ def lr_at(config: ClipTrainConfig, step: int) -> float:
 
 
 # ---- caption perturbations -----------------------------------------------------------------------
-def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool = False) -> str | None:
+def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
+                    exchanges: bool = False) -> str | None:
     """The caption with one attribute changed (see the module docstring); None when the caption is
-    not of the shapes grammar or no valid change was found."""
+    not of the shapes grammar or no valid change was found. `exchanges`: a pair may also get its two
+    objects' colours or shapes exchanged."""
     try:
         spec = parse_caption(caption)
     except ValueError:
@@ -114,7 +132,9 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
         if new["type"] == "single":
             changes += [k for k in ("size", "position") if objects[0][k] is not None]
         elif new["type"] == "pair":
-            changes += ["relation", "swap"]
+            # which object is where and which colour goes with which shape: what a bag of words
+            # cannot see, and what sampled pairs get wrong
+            changes += ["relation", "swap"] + (["swap_colors", "swap_shapes"] if exchanges else [])
         else:
             changes += ["number"]
         change = changes[rng.integers(len(changes))]
@@ -124,6 +144,9 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
             obj[change] = _other(rng, options[change], obj[change])
         elif change == "relation":
             new["relation"] = _other(rng, list(RELATIONS), new["relation"])
+        elif change in ("swap_colors", "swap_shapes"):
+            key = change[len("swap_"):-1]
+            objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
         elif change == "number":
             new["number"] = _other(rng, list(NUMBERS.values()), new["number"])
         else:
@@ -166,25 +189,42 @@ class KeyedPairs(Dataset):
 
 
 class ClipCollate:
-    """Samples -> {"images" (B, 3, S, S), "text_ids" (B, T), "negative_ids" (M, T), "negative_owner" (M,)}."""
+    """Samples -> {"images" (B, 3, S, S), "text_ids" (B, T), "negative_ids" (M, T), "negative_owner" (M,),
+    "negative_images" (N, 3, S, S), "negative_image_owner" (N,)}."""
 
-    def __init__(self, text_tokenizer: Any, caption_negatives: int, seed: int):
+    def __init__(self, text_tokenizer: Any, caption_negatives: int, seed: int, image_negatives: int = 0,
+                 to_tensor: Any = None, exchanges: bool = False):
         self.text_tokenizer, self.caption_negatives, self.seed = text_tokenizer, caption_negatives, seed
+        self.image_negatives, self.to_tensor, self.exchanges = image_negatives, to_tensor, exchanges
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
-        negatives, owners = [], []
-        for i, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
-            rng = step_rng(self.seed, step, slot, _PERTURB)
-            for _ in range(self.caption_negatives):
-                if (text := perturb_caption(caption, rng)) is not None:
-                    negatives.append(text)
-                    owners.append(i)
+        negatives, owners, _ = self._perturbations(steps, slots, captions, self.caption_negatives, _PERTURB)
+        side = images[0].shape[-1]
+        renders, render_owners, layouts = self._perturbations(steps, slots, captions, self.image_negatives,
+                                                              _PERTURB_IMAGE)
+        negative_images = [self.to_tensor(render_caption(text, seed=layout, size=side).image)
+                           for text, layout in zip(renders, layouts)]
         tokenizer = self.text_tokenizer.eval()
         return {"images": torch.stack(images),  # (B, 3, S, S)
                 "text_ids": tokenizer.encode(list(captions)),  # (B, T)
                 "negative_ids": tokenizer.encode(negatives),  # (M, T)
-                "negative_owner": torch.tensor(owners, dtype=torch.long)}  # (M,)
+                "negative_owner": torch.tensor(owners, dtype=torch.long),  # (M,)
+                "negative_images": (torch.stack(negative_images) if negative_images
+                                    else torch.zeros(0, *images[0].shape)),  # (N, 3, S, S)
+                "negative_image_owner": torch.tensor(render_owners, dtype=torch.long)}  # (N,)
+
+    def _perturbations(self, steps, slots, captions, k: int, purpose: int):
+        """k perturbations of each caption -> (texts, owner index of each, a render seed for each)."""
+        texts, owners, seeds = [], [], []
+        for i, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
+            rng = step_rng(self.seed, step, slot, purpose)
+            for _ in range(k):
+                if (text := perturb_caption(caption, rng, exchanges=self.exchanges)) is not None:
+                    texts.append(text)
+                    owners.append(i)
+                    seeds.append(int(rng.integers(2**31)))
+        return texts, owners, seeds
 
 
 class ClipBatches(pl.LightningDataModule):
@@ -198,13 +238,16 @@ class ClipBatches(pl.LightningDataModule):
                                    trainer.world_size, start_step=lambda: trainer.global_step)
         return ResumableDataLoader(KeyedPairs(self.dataset, self.image_size), batch_sampler=sampler,
                                    num_workers=c.num_workers, persistent_workers=c.num_workers > 0,
-                                   collate_fn=ClipCollate(self.text_tokenizer, c.caption_negatives, c.seed))
+                                   collate_fn=ClipCollate(self.text_tokenizer, c.caption_negatives, c.seed,
+                                                          c.image_negatives, DalleImageAugmentation(
+                                                              self.image_size, train=False), c.exchange_negatives))
 
 
 # ---- the loss ----------------------------------------------------------------------------------
 def clip_loss(model: ClipModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE with identical captions unmasked as negatives and the caption negatives
-    added on the image->text side. Returns (loss, {"acc", "hard_acc"}) (hard_acc: NaN without negatives)."""
+    added on the image->text side, the image negatives on the caption->image side. Returns (loss, {"acc",
+    "hard_acc", "hard_image_acc"}) (the hard accuracies: NaN without the negatives they measure)."""
     text_ids, negative_ids, owner = batch["text_ids"], batch["negative_ids"], batch["negative_owner"]
     b = len(text_ids)
     image_emb, text_emb = model(batch["images"], text_ids)  # (B, E), (B, E)
@@ -225,10 +268,20 @@ def clip_loss(model: ClipModel, batch: dict[str, torch.Tensor]) -> tuple[torch.T
             best_own = negative_sim.masked_fill(~own | is_true, float("-inf")).amax(1)  # (B,)
             has = own.any(1)
             hard_acc = ((image_emb * text_emb).sum(-1) > best_own)[has].float().mean()
-    loss = (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.T, target)) / 2
+    text_to_image = logits.T  # (B, B)
+    hard_image_acc = torch.tensor(float("nan"))
+    negative_images, image_owner = batch.get("negative_images"), batch.get("negative_image_owner")
+    if negative_images is not None and len(negative_images):
+        own = image_owner[None] == target[:, None]  # (B, N): caption i's own rendered perturbations
+        negative_sim = text_emb @ model.encode_image(negative_images).T  # (B, N)
+        text_to_image = torch.cat([text_to_image, (scale * negative_sim).masked_fill(~own, float("-inf"))], dim=1)
+        with torch.no_grad():
+            best_own = negative_sim.masked_fill(~own, float("-inf")).amax(1)  # (B,)
+            hard_image_acc = ((image_emb * text_emb).sum(-1) > best_own)[own.any(1)].float().mean()
+    loss = (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
     with torch.no_grad():
         acc = ((image_to_text.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2
-    return loss, {"acc": acc, "hard_acc": hard_acc}
+    return loss, {"acc": acc, "hard_acc": hard_acc, "hard_image_acc": hard_image_acc}
 
 
 class ClipLightningModule(pl.LightningModule):
@@ -251,8 +304,9 @@ class ClipLightningModule(pl.LightningModule):
         loss, metrics = clip_loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", metrics["acc"], prog_bar=True)
-        if not torch.isnan(metrics["hard_acc"]):
-            self.log("train/hard_acc", metrics["hard_acc"], prog_bar=True)
+        for name in ("hard_acc", "hard_image_acc"):
+            if not torch.isnan(metrics[name]):
+                self.log(f"train/{name}", metrics[name], prog_bar=True)
         self.log("train/temperature", 1.0 / self.model.temperature_scale().detach())
         self.log("lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"])
         return loss

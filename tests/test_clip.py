@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dalle_proto.clip import ClipConfig, ClipModel
-from dalle_proto.clip_training import ClipTrainConfig, clip_loss, perturb_caption, train_clip
+from dalle_proto.clip_training import ClipCollate, ClipTrainConfig, clip_loss, perturb_caption, train_clip
+from dalle_proto.shapes_evaluator import evaluate_each
 from dalle_proto.datasets.augmentation import pil_to_tensor
 from dalle_proto.datasets.shapes import ShapesDataset, parse_caption
 from dalle_proto.datasets.shapes_grammar import is_held_out
@@ -144,6 +145,16 @@ def test_caption_perturbations_change_one_thing_and_respect_the_held_out_pairs()
     assert first == [perturb_caption(c, np.random.default_rng(1)) for c in captions]
 
 
+def test_pair_perturbations_include_the_binding_changes():
+    rng = np.random.default_rng(0)
+    caption = "a red circle to the left of a blue square"
+    exchanged = {"a blue circle to the left of a red square", "a red square to the left of a blue circle"}
+    plain = {perturb_caption(caption, rng) for _ in range(200)}
+    assert {"a blue square to the left of a red circle", "a red circle to the right of a blue square"} <= plain
+    assert not plain & exchanged  # colours / shapes exchanged only when asked for
+    assert exchanged <= {perturb_caption(caption, rng, exchanges=True) for _ in range(200)}
+
+
 def test_caption_negatives_are_scored_and_raise_the_loss(text_tokenizer):
     torch.manual_seed(0)
     model = ClipModel(tiny_config(text_tokenizer))
@@ -156,10 +167,37 @@ def test_caption_negatives_are_scored_and_raise_the_loss(text_tokenizer):
     assert harder > plain and 0 <= float(metrics["hard_acc"]) <= 1
 
 
+def test_image_negatives_are_renders_of_perturbed_captions_that_miss_their_caption(text_tokenizer):
+    dataset = ShapesDataset(6, seed=1, size=SIZE)
+    samples = [(7, slot, pil_to_tensor(dataset[slot][0]), dataset[slot][1]) for slot in range(6)]
+    collate = ClipCollate(text_tokenizer, caption_negatives=1, seed=0, image_negatives=2, to_tensor=pil_to_tensor)
+    batch = collate(samples)
+    assert batch["images"].shape == (6, 3, SIZE, SIZE) and batch["negative_ids"].shape[0] == 6
+    assert batch["negative_images"].shape == (12, 3, SIZE, SIZE)
+    assert batch["negative_image_owner"].tolist() == [i for i in range(6) for _ in range(2)]
+    captions = [dataset[i][1] for i in batch["negative_image_owner"].tolist()]
+    assert not any(r.correct for r in evaluate_each(batch["negative_images"], captions))  # all true negatives
+    again = collate(samples)  # a pure function of (seed, step, slot): resumable
+    assert torch.equal(again["negative_images"], batch["negative_images"])
+
+
+def test_image_negatives_raise_the_loss_and_are_measured(text_tokenizer):
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer))
+    batch, captions = shapes_batch(text_tokenizer, 4)
+    plain, metrics = clip_loss(model, batch)
+    assert torch.isnan(metrics["hard_image_acc"])
+    samples = [(0, i, image, caption) for i, (image, caption) in enumerate(zip(batch["images"], captions))]
+    negatives = ClipCollate(text_tokenizer, 0, seed=0, image_negatives=1, to_tensor=pil_to_tensor)(samples)
+    batch |= {k: negatives[k] for k in ("negative_images", "negative_image_owner")}
+    harder, metrics = clip_loss(model, batch)
+    assert harder > plain and 0 <= float(metrics["hard_image_acc"]) <= 1
+
+
 def test_resumed_training_equals_uninterrupted_training(text_tokenizer, tmp_path):
     config = tiny_config(text_tokenizer)
     train_config = ClipTrainConfig(steps=4, batch_size=6, warmup_steps=1, checkpoint_every=2, log_every=1,
-                                   accelerator="cpu", caption_negatives=1)
+                                   accelerator="cpu", caption_negatives=1, image_negatives=1)
     dataset = ShapesDataset(20, size=SIZE)
     straight = train_clip(config, train_config, text_tokenizer, dataset, tmp_path / "straight", progress=False)
     train_clip(config, train_config, text_tokenizer, dataset, tmp_path / "resumed", max_steps=2, progress=False)
@@ -170,4 +208,4 @@ def test_resumed_training_equals_uninterrupted_training(text_tokenizer, tmp_path
     first = ClipModel(config).state_dict()
     assert any(not torch.equal(first[k], v) for k, v in straight.state_dict().items())  # it did train
     csv = next((tmp_path / "straight" / "logs").glob("version_*/metrics.csv")).read_text()
-    assert "train/acc" in csv and "train/hard_acc" in csv
+    assert "train/acc" in csv and "train/hard_acc" in csv and "train/hard_image_acc" in csv

@@ -1,0 +1,120 @@
+"""How well does a shapes model's CLIP rerank? Binding probe + rerank-at-k curve.
+
+    python3 benchmarks/reranking.py --checkpoint checkpoints/shapes
+    python3 benchmarks/reranking.py --checkpoint checkpoints/shapes --clip runs/other/clip --candidates 32
+
+1. Binding probe (no sampling, seconds): for `--probe` pair prompts, the CLIP scores the prompt's
+   render against a render of the same scene with the two objects swapped, with their colours
+   exchanged and with their shapes exchanged. Accuracy = how often the true render scores higher
+   (0.5 = chance: the CLIP reads the caption as a bag of words). This is the comparison reranking
+   makes, on clean renders.
+2. Rerank curve: `--candidates` K samples for each of `--prompts` pair prompts (seed 1, not
+   `dalle-proto evaluate`'s seed 0), each scored by the shapes evaluator and by the CLIP. For
+   k = 1, 2, 4, ... K: `clip@k` is the whole-caption accuracy when the CLIP keeps the best of the
+   first k candidates (what `--rerank k` does), `oracle@k` when a perfect reranker does (at least
+   one of the k is right). The gap between the two is what a better reranker could still win.
+
+Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dalle_proto.clip import ClipModel  # noqa: E402
+from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
+from dalle_proto.datasets.shapes import render_caption  # noqa: E402
+from dalle_proto.datasets.shapes_grammar import compose_caption, parse_caption  # noqa: E402
+from dalle_proto.evaluation import prompt_set  # noqa: E402
+from dalle_proto.pipeline import DallePipeline  # noqa: E402
+from dalle_proto.shapes_evaluator import evaluate_each  # noqa: E402
+
+SCORE_BATCH = 256
+
+
+def exchanged(caption: str, change: str) -> str:
+    """The pair caption with its objects swapped, or their colours / shapes exchanged."""
+    spec = copy.deepcopy(parse_caption(caption))
+    first, second = spec["objects"]
+    if change == "swap":
+        spec["objects"] = [second, first]
+    else:
+        first[change], second[change] = second[change], first[change]
+    return compose_caption(spec)
+
+
+@torch.no_grad()
+def scores(pipe: DallePipeline, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    ids = pipe.text_tokenizer.eval().encode(captions)  # (N, T)
+    return torch.cat([torch.as_tensor(pipe.clip.score(images[i:i + SCORE_BATCH], ids[i:i + SCORE_BATCH])).float()
+                      for i in range(0, len(images), SCORE_BATCH)])  # (N,)
+
+
+def binding_probe(pipe: DallePipeline, captions: list[str]) -> dict:
+    def renders(texts: list[str]) -> torch.Tensor:
+        return torch.stack([pil_to_tensor(render_caption(t, seed=5).image) for t in texts])  # (N, 3, S, S)
+
+    true = scores(pipe, renders(captions), captions)  # (N,)
+    result = {}
+    for change in ("swap", "color", "shape"):
+        others = [exchanged(c, change) for c in captions]
+        differs = torch.tensor([o != c for o, c in zip(others, captions)])  # same colours: nothing to exchange
+        wrong = scores(pipe, renders(others), captions)
+        result[f"binding_{change}_acc"] = round(float((true > wrong)[differs].float().mean()), 3)
+    return result
+
+
+def rerank_curve(pipe: DallePipeline, captions: list[str], candidates: int, batch_size: int) -> dict:
+    images = []
+    for start in range(0, len(captions), batch_size):
+        images += pipe(captions[start:start + batch_size], num_images=candidates, seed=1 + start)
+    images = torch.stack([pil_to_tensor(i) for i in images])  # (P*K, 3, S, S)
+    rows = [c for c in captions for _ in range(candidates)]
+    correct = torch.tensor([r.correct for r in evaluate_each(images, rows)]).float().view(-1, candidates)  # (P, K)
+    score = scores(pipe, images, rows).view(-1, candidates)  # (P, K)
+    result = {"candidate_accuracy": round(float(correct.mean()), 3)}
+    k = 1
+    while k <= candidates:
+        chosen = score[:, :k].argmax(1, keepdim=True)  # (P, 1)
+        result[f"clip@{k}"] = round(float(correct[:, :k].gather(1, chosen).mean()), 3)
+        result[f"oracle@{k}"] = round(float(correct[:, :k].max(1).values.mean()), 3)
+        k *= 2
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model folder with clip/, e.g. checkpoints/shapes")
+    parser.add_argument("--clip", default=None, help="score with this CLIP folder instead of the model's own")
+    parser.add_argument("--probe", type=int, default=200, help="pair prompts in the binding probe (default: 200)")
+    parser.add_argument("--prompts", type=int, default=50, help="pair prompts in the rerank curve (default: 50)")
+    parser.add_argument("--candidates", type=int, default=16, help="samples per prompt (default: 16; 0: probe only)")
+    parser.add_argument("--batch-size", type=int, default=25, help="prompts sampled at a time")
+    args = parser.parse_args()
+    pipe = DallePipeline.from_pretrained(args.checkpoint)
+    if args.clip:
+        pipe.clip = ClipModel.from_pretrained(args.clip).float().eval()
+    if pipe.clip is None:
+        raise SystemExit(f"{args.checkpoint} has no clip/ and no --clip was given: nothing reranks")
+    pairs = [p.caption for p in prompt_set(max(args.probe, args.prompts), seed=1) if p.category == "pair"]
+    start = time.time()
+    result = {"checkpoint": args.checkpoint, "clip": args.clip or f"{args.checkpoint}/clip",
+              **binding_probe(pipe, pairs[:args.probe])}
+    print(f"binding probe ({args.probe} pair prompts): {result}", flush=True)
+    if args.candidates:
+        result |= rerank_curve(pipe, pairs[:args.prompts], args.candidates, args.batch_size)
+    result |= {"prompts": args.prompts, "candidates": args.candidates, "seconds": round(time.time() - start, 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
