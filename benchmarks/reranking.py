@@ -34,12 +34,9 @@ from dalle_proto.clip import ClipModel  # noqa: E402
 from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
 from dalle_proto.datasets.shapes import render_caption  # noqa: E402
 from dalle_proto.datasets.shapes_grammar import compose_caption, parse_caption  # noqa: E402
-from dalle_proto.evaluation import prompt_set  # noqa: E402
+from dalle_proto.evaluation import clip_embeddings, prompt_set  # noqa: E402
 from dalle_proto.pipeline import DallePipeline  # noqa: E402
 from dalle_proto.shapes_evaluator import evaluate_each  # noqa: E402
-
-SCORE_BATCH = 256
-
 
 def exchanged(caption: str, change: str) -> str:
     """The pair caption with its objects swapped, or their colours / shapes exchanged."""
@@ -52,11 +49,10 @@ def exchanged(caption: str, change: str) -> str:
     return compose_caption(spec)
 
 
-@torch.no_grad()
 def scores(pipe: DallePipeline, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    ids = pipe.text_tokenizer.eval().encode(captions)  # (N, T)
-    return torch.cat([torch.as_tensor(pipe.clip.score(images[i:i + SCORE_BATCH], ids[i:i + SCORE_BATCH])).float()
-                      for i in range(0, len(images), SCORE_BATCH)])  # (N,)
+    """The CLIP's reranking score (cosine) of image i against caption i, (N,)."""
+    image_emb, text_emb = clip_embeddings(pipe.clip, pipe.text_tokenizer, images, captions)
+    return (image_emb * text_emb).sum(-1)  # (N,)
 
 
 def binding_probe(pipe: DallePipeline, captions: list[str]) -> dict:

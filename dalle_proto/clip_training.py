@@ -28,7 +28,7 @@ from. Reranking compares images for one caption, and a sampled image usually mis
 (two objects swapped, one colour wrong); caption negatives alone teach the image->text direction,
 these teach the direction reranking uses. `train/hard_image_acc` logs how often a caption scores
 its own image above all of its rendered perturbations. Measured on the shapes model (BENCHMARKS.md,
-"Reranking"): 2 image negatives tripled the step time and did not make the CLIP tell a pair from its
+"Reranking"): 2 image negatives made training 3.4x slower and did not make the CLIP tell a pair from its
 swapped version (`benchmarks/reranking.py` binding probe, still near chance), so the shipped config
 leaves them off.
 
@@ -202,7 +202,7 @@ class ClipCollate:
         negatives, owners, _ = self._perturbations(steps, slots, captions, self.caption_negatives, _PERTURB)
         side = images[0].shape[-1]
         renders, render_owners, layouts = self._perturbations(steps, slots, captions, self.image_negatives,
-                                                              _PERTURB_IMAGE)
+                                                              _PERTURB_IMAGE, layouts=True)
         negative_images = [self.to_tensor(render_caption(text, seed=layout, size=side).image)
                            for text, layout in zip(renders, layouts)]
         tokenizer = self.text_tokenizer.eval()
@@ -214,8 +214,9 @@ class ClipCollate:
                                     else torch.zeros(0, *images[0].shape)),  # (N, 3, S, S)
                 "negative_image_owner": torch.tensor(render_owners, dtype=torch.long)}  # (N,)
 
-    def _perturbations(self, steps, slots, captions, k: int, purpose: int):
-        """k perturbations of each caption -> (texts, owner index of each, a render seed for each)."""
+    def _perturbations(self, steps, slots, captions, k: int, purpose: int, layouts: bool = False):
+        """k perturbations of each caption -> (texts, owner index of each, a render seed for each if
+        `layouts`: drawn only then, so the caption negatives' random stream stays what it was)."""
         texts, owners, seeds = [], [], []
         for i, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
             rng = step_rng(self.seed, step, slot, purpose)
@@ -223,7 +224,8 @@ class ClipCollate:
                 if (text := perturb_caption(caption, rng, exchanges=self.exchanges)) is not None:
                     texts.append(text)
                     owners.append(i)
-                    seeds.append(int(rng.integers(2**31)))
+                    if layouts:
+                        seeds.append(int(rng.integers(2**31)))
         return texts, owners, seeds
 
 
