@@ -109,6 +109,10 @@ class TextEncoder(nn.Module):
         self.bpe_vocab_size = c.bpe_vocab_size
         self.token_embedding = nn.Embedding(c.text_vocab_size, c.text_width)
         self.position_embedding = nn.Parameter(torch.randn(c.text_len, c.text_width) * 0.02)
+        # Tokens at std 0.02 too: with nn.Embedding's default N(0, 1) they drowned the positions 50:1
+        # and the mean-pooled text embedding was a bag of words ("a red circle to the left of a blue
+        # square" and its swapped caption at cosine 0.9999), so reranking could not read relations.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(c.text_width, c.text_heads, 4 * c.text_width, dropout=0.0,
                                        activation="gelu", batch_first=True, norm_first=True)

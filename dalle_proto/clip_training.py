@@ -17,8 +17,8 @@ position, the relation, the two objects swapped, the number; with `exchange_nega
 two objects' colours or shapes exchanged); they join the image->text side as extra negatives for
 every image of the batch. Random in-batch captions rarely differ from the true
 one in a single word, so without these the model can get away with a bag of words; with them it
-should learn to bind colour to shape and read the relation (for pairs it has not yet: see
-`benchmarks/reranking.py`). A perturbation never names a held-out colour-shape
+learns to bind colour to shape and read the relation (`benchmarks/reranking.py` measures it; it
+needs a text encoder that sees word order, see `clip.TextEncoder`). A perturbation never names a held-out colour-shape
 pair (SHAPES.md: those never appear in training captions). `train/hard_acc` logs how often an image
 scores its own caption above all of its own perturbations.
 
@@ -28,9 +28,8 @@ from. Reranking compares images for one caption, and a sampled image usually mis
 (two objects swapped, one colour wrong); caption negatives alone teach the image->text direction,
 these teach the direction reranking uses. `train/hard_image_acc` logs how often a caption scores
 its own image above all of its rendered perturbations. Measured on the shapes model (BENCHMARKS.md,
-"Reranking"): 2 image negatives made training 3.4x slower and did not make the CLIP tell a pair from its
-swapped version (`benchmarks/reranking.py` binding probe, still near chance), so the shipped config
-leaves them off.
+"Reranking", before the text-encoder fix): 2 image negatives made training 3.4x slower and did not
+make the CLIP tell a pair from its swapped version, so the shipped config leaves them off.
 
 The run folder `out_dir` gets `checkpoints/last.ckpt` (atomic, every `checkpoint_every` steps and
 at the end; calling train_clip again resumes exactly), `logs/version_N/metrics.csv` (loss, in-batch

@@ -96,6 +96,18 @@ def test_save_load_round_trip_and_strict_loading(text_tokenizer, tmp_path):
         ClipModel.from_pretrained(tmp_path / "bad")
 
 
+def test_text_embedding_sees_word_order_from_the_start(text_tokenizer):
+    # a bag-of-words text encoder cannot rerank relations: a caption and its swapped version must
+    # differ already at initialisation (with N(0, 1) token embeddings they were at cosine 0.9999)
+    torch.manual_seed(0)
+    model = ClipModel(tiny_config(text_tokenizer))
+    ids = text_tokenizer.encode(["a red circle to the left of a blue square",
+                                 "a blue square to the left of a red circle"])
+    with torch.no_grad():
+        first, swapped = model.encode_text(ids)
+    assert float(first @ swapped) < 0.99
+
+
 def test_tiny_clip_overfits_one_shapes_batch(text_tokenizer):
     torch.manual_seed(0)
     model = ClipModel(tiny_config(text_tokenizer))
