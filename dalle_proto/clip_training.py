@@ -237,11 +237,12 @@ class ClipBatches(pl.LightningDataModule):
         c, trainer = self.config, self.trainer
         sampler = StepBatchSampler(range(len(self.dataset)), c.batch_size, c.steps, c.seed, trainer.global_rank,
                                    trainer.world_size, start_step=lambda: trainer.global_step)
-        return ResumableDataLoader(KeyedPairs(self.dataset, self.image_size), batch_sampler=sampler,
+        pairs = KeyedPairs(self.dataset, self.image_size)
+        # rendered negatives go through the same image transform as the batch's own images
+        return ResumableDataLoader(pairs, batch_sampler=sampler,
                                    num_workers=c.num_workers, persistent_workers=c.num_workers > 0,
                                    collate_fn=ClipCollate(self.text_tokenizer, c.caption_negatives, c.seed,
-                                                          c.image_negatives, DalleImageAugmentation(
-                                                              self.image_size, train=False), c.exchange_negatives))
+                                                          c.image_negatives, pairs.to_tensor, c.exchange_negatives))
 
 
 # ---- the loss ----------------------------------------------------------------------------------
