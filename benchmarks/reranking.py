@@ -13,6 +13,8 @@
    k = 1, 2, 4, ... K: `clip@k` is the whole-caption accuracy when the CLIP keeps the best of the
    first k candidates (what `--rerank k` does), `oracle@k` when a perfect reranker does (at least
    one of the k is right). The gap between the two is what a better reranker could still win.
+   `--samples FILE.pt` keeps the candidates, so that several CLIPs (`--clip`) are compared on
+   the same ones.
 
 Last stdout line: one JSON object.
 """
@@ -69,15 +71,36 @@ def binding_probe(pipe: DallePipeline, captions: list[str]) -> dict:
     return result
 
 
-def rerank_curve(pipe: DallePipeline, captions: list[str], candidates: int, batch_size: int) -> dict:
+def sample_candidates(pipe: DallePipeline, captions: list[str], candidates: int, batch_size: int,
+                      samples: str | None, checkpoint: str) -> torch.Tensor:
+    """(P*K, 3, S, S) candidates in [-1, 1]; with `samples`, loaded from that file when it holds the
+    same checkpoint, prompts and K (so several CLIPs are scored on identical candidates), else drawn
+    and saved there."""
+    key = {"checkpoint": checkpoint, "captions": captions, "candidates": candidates}
+    if samples and Path(samples).exists():
+        saved = torch.load(samples, weights_only=True)
+        if {k: saved[k] for k in key} != key:
+            raise SystemExit(f"{samples} holds candidates of another checkpoint, prompt set or --candidates; "
+                             "delete it or pass another --samples file")
+        return saved["images"].float() / 127.5 - 1  # the PIL images' own uint8 values: exact
     images = []
     for start in range(0, len(captions), batch_size):
         images += pipe(captions[start:start + batch_size], num_images=candidates, seed=1 + start)
     images = torch.stack([pil_to_tensor(i) for i in images])  # (P*K, 3, S, S)
+    if samples:
+        torch.save(key | {"images": ((images + 1) * 127.5).round().to(torch.uint8)}, samples)
+    return images
+
+
+def rerank_curve(pipe: DallePipeline, captions: list[str], candidates: int, images: torch.Tensor) -> dict:
     rows = [c for c in captions for _ in range(candidates)]
-    correct = torch.tensor([r.correct for r in evaluate_each(images, rows)]).float().view(-1, candidates)  # (P, K)
+    judged = evaluate_each(images, rows)
+    correct = torch.tensor([r.correct for r in judged]).float().view(-1, candidates)  # (P, K)
     score = scores(pipe, images, rows).view(-1, candidates)  # (P, K)
     result = {"candidate_accuracy": round(float(correct.mean()), 3)}
+    for attribute in ("color_shape", "relation"):  # which part of the caption the samples miss
+        hits = [r.attributes[attribute] for r in judged if attribute in r.attributes]
+        result[f"candidate_{attribute}_acc"] = round(sum(hits) / max(len(hits), 1), 3)
     k = 1
     while k <= candidates:
         chosen = score[:, :k].argmax(1, keepdim=True)  # (P, 1)
@@ -95,6 +118,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50, help="pair prompts in the rerank curve (default: 50)")
     parser.add_argument("--candidates", type=int, default=16, help="samples per prompt (default: 16; 0: probe only)")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts sampled at a time")
+    parser.add_argument("--samples", default=None, metavar="FILE.pt",
+                        help="keep the sampled candidates in this file and reuse them on the next run "
+                             "(score several --clip folders on the same candidates)")
     args = parser.parse_args()
     pipe = DallePipeline.from_pretrained(args.checkpoint)
     if args.clip:
@@ -107,7 +133,9 @@ def main() -> None:
               **binding_probe(pipe, pairs[:args.probe])}
     print(f"binding probe ({args.probe} pair prompts): {result}", flush=True)
     if args.candidates:
-        result |= rerank_curve(pipe, pairs[:args.prompts], args.candidates, args.batch_size)
+        captions = pairs[:args.prompts]
+        images = sample_candidates(pipe, captions, args.candidates, args.batch_size, args.samples, args.checkpoint)
+        result |= rerank_curve(pipe, captions, args.candidates, images)
     result |= {"prompts": args.prompts, "candidates": args.candidates, "seconds": round(time.time() - start, 1)}
     print(json.dumps(result))
 

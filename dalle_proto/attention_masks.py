@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 MASK_KINDS = ("row", "column", "conv", "full")
-# "sparse": the paper's layer pattern; a mask kind name: that mask in every layer (ablations, tests)
-ATTENTION_MODES = ("sparse",) + MASK_KINDS
+# "sparse": the paper's layer pattern; "sparse_full": that pattern with its column layers widened to
+# full causal attention; a mask kind name: that mask in every layer (ablations, tests)
+ATTENTION_MODES = ("sparse", "sparse_full") + MASK_KINDS
 
 
 def layer_attention_kinds(depth: int, attention: str = "sparse") -> list[str]:
@@ -32,15 +33,19 @@ def layer_attention_kinds(depth: int, attention: str = "sparse") -> list[str]:
 
     The paper's rule, with layers numbered i = 1..depth: layer i < depth is "column" when
     (i - 2) % 4 == 0 and "row" otherwise (row, column, row, row, row, column, ...); the last layer is
-    "conv". attention="full" (or "row", "column", "conv") uses that one mask in every layer.
+    "conv". attention="sparse_full" keeps that pattern but makes the column layers "full": a full
+    layer sees every earlier image token (a column layer's keys included), so an object drawn late
+    in raster order can see one drawn anywhere before it in one hop instead of several.
+    attention="full" (or "row", "column", "conv") uses that one mask in every layer.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     if attention in MASK_KINDS:
         return [attention] * depth
-    if attention != "sparse":
+    if attention not in ("sparse", "sparse_full"):
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, depth)]
+    wide = "column" if attention == "sparse" else "full"
+    kinds = [wide if (i - 2) % 4 == 0 else "row" for i in range(1, depth)]
     return kinds + ["conv"]
 
 

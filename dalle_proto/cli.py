@@ -123,7 +123,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     try:
         pipe = DallePipeline.from_pretrained(args.checkpoint, device=device)
         report = evaluate_pipeline(pipe, out, per_category=args.per_category, seed=args.seed, rerank=args.rerank,
-                                   batch_size=args.batch_size, cfg_scale=args.cfg_scale, captions=captions)
+                                   batch_size=args.batch_size, cfg_scale=args.cfg_scale, captions=captions,
+                                   categories=args.categories)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dalle-proto: error: {e}") from None
     print(to_markdown(report), end="")
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=32, help="prompts sampled at a time")
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's pipeline.json")
+    ev.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                    help="only these categories of the shapes prompt set: single, pair, count, held_out "
+                         "(default: all)")
     ev.add_argument("--captions", default=None, metavar="FILE",
                     help="non-shapes models: sample these captions (one per line) instead and report "
                          "only CLIP score and R-precision")

@@ -190,7 +190,7 @@ def accuracy_table(results: Sequence[Any], prompts: Sequence[Prompt]) -> dict:
     """Per category of `prompts`: the fraction of each stated attribute the evaluator's `results`
     (one per prompt) found right, "full" (whole caption right, nothing else shown) and "n"."""
     table = {}
-    for category in CATEGORIES:
+    for category in [c for c in CATEGORIES if any(p.category == c for p in prompts)]:
         rows = [r for r, p in zip(results, prompts) if p.category == category]
         counts = Counter(a for r in rows for a in r.attributes)
         hits = Counter(a for r in rows for a, ok in r.attributes.items() if ok)
@@ -232,13 +232,21 @@ def _pass_metrics(pipe: Any, prompts: list[Prompt], images: torch.Tensor, refere
 
 def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: int = 200, seed: int = 0,
                       rerank: int | None = None, batch_size: int = 32, cfg_scale: float | None = None,
-                      captions: Sequence[str] | None = None) -> dict:
+                      captions: Sequence[str] | None = None, categories: Sequence[str] | None = None) -> dict:
     """Evaluate `pipe` (a DallePipeline or anything with its call signature and `text_tokenizer`,
     `clip` attributes), write `evaluation.md`, `evaluation.json` and `grids/*.png` into `out_dir`
-    and return the report dict. `captions`: evaluate these instead of the shapes prompt set."""
+    and return the report dict. `captions`: evaluate these instead of the shapes prompt set.
+    `categories`: only these categories' prompts of the shapes prompt set (the same prompts as in a
+    whole run; their samples differ, since batch b is sampled with seed + b)."""
     out = Path(out_dir)
     shapes = captions is None
     prompts = prompt_set(per_category, seed) if shapes else [Prompt("custom", c) for c in captions]
+    if categories is not None:
+        unknown = sorted(set(categories) - set(CATEGORIES))
+        if unknown or not shapes:
+            raise ValueError(f"categories: expected some of {', '.join(CATEGORIES)} (shapes prompt set only), "
+                             f"got {', '.join(unknown) if unknown else 'them with custom captions'}")
+        prompts = [p for p in prompts if p.category in categories]
     if not prompts:
         raise ValueError("evaluate_pipeline: no captions to evaluate")
     clip = getattr(pipe, "clip", None)
@@ -248,6 +256,7 @@ def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: in
     passes = {"no rerank": None} | ({f"rerank {rerank}": rerank} if rerank else {})
     reference = None
     report: dict[str, Any] = {"per_category": per_category if shapes else None, "seed": seed, "n": len(prompts),
+                              "batch_size": batch_size,
                               "categories": sorted({p.category for p in prompts}, key=_category_order),
                               "passes": {}}
     for name, candidates in passes.items():
@@ -292,20 +301,21 @@ def to_markdown(report: dict) -> str:
     passes = list(report["passes"])
     lines = [f"# Evaluation ({report['n']} prompts, seed {report['seed']})", ""]
     if "accuracy" in report["passes"][passes[0]]:
+        categories = [c for c in CATEGORIES if c in report["categories"]]
         header = [f"{c} (n={report['passes'][passes[0]]['accuracy'][c]['n']})" + (f", {p}" if len(passes) > 1 else "")
-                  for c in CATEGORIES for p in passes]
+                  for c in categories for p in passes]
         lines += ["Attribute accuracy (shapes_evaluator; — = no prompt of the category states it):", "",
                   "| attribute | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         for attribute in COLUMNS:
             cells = [_fmt(report["passes"][p]["accuracy"][c].get(attribute), percent=True)
-                     for c in CATEGORIES for p in passes]
+                     for c in categories for p in passes]
             lines.append(f"| {attribute} | " + " | ".join(cells) + " |")
         lines.append("")
     rows = []
     first = report["passes"][passes[0]]
     if "fid" in first:
         rows.append((f"FID ({report['fid_features']}; vs ground-truth renders of the prompts)", "fid", False))
-    if "position_diversity" in first:
+    if first.get("position_diversity", {}).get("n"):
         rows.append(("position diversity (normalised entropy of the 3x3 cell, single prompts without a "
                      f"position, n={first['position_diversity']['n']})", "position_diversity", False))
     if "clip_score" in first:

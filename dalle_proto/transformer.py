@@ -44,7 +44,8 @@ class TransformerConfig:
     heads: int = 8
     head_dim: int = 32
     mlp_ratio: float = 4.0
-    attention: str = "sparse"  # "sparse": the paper's row/column/conv layers; "full": causal;
+    attention: str = "sparse"  # "sparse": the paper's row/column/conv layers; "sparse_full": column
+    # layers widened to full causal attention; "full": causal;
     # "row" / "column" / "conv": that mask in every layer
     conv_kernel: int = 11
     dropout: float = 0.0

@@ -123,6 +123,10 @@ def test_layer_assignment_depth_8():
     assert layer_attention_kinds(8) == ["row", "column", "row", "row", "row", "column", "row", "conv"]
 
 
+def test_sparse_full_widens_only_the_column_layers():
+    assert layer_attention_kinds(8, "sparse_full") == ["row", "full", "row", "row", "row", "full", "row", "conv"]
+
+
 def test_layer_assignment_depth_64():
     kinds = layer_attention_kinds(64)
     assert len(kinds) == 64 and kinds[-1] == "conv"

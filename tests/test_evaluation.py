@@ -95,10 +95,11 @@ class GroundTruthPipeline:
 
     def __init__(self, text_tokenizer, clip=None):
         self.text_tokenizer, self.clip = text_tokenizer, clip
-        self.calls = []
+        self.calls, self.prompts = [], []
 
     def __call__(self, prompts, num_images=1, seed=0, rerank=None, **options):
         self.calls.append((len(prompts), seed, rerank))
+        self.prompts += list(prompts)
         return [render_caption(p, seed=seed, size=SIZE).image for p in prompts for _ in range(num_images)]
 
 
@@ -128,6 +129,21 @@ def test_ground_truth_renders_score_full_marks_and_the_report_is_written(tmp_pat
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == sorted(
         f"no_rerank_{c}.png" for c in CATEGORIES)
     assert [seed for _, seed, _ in pipe.calls] == [0, 1, 2]  # batch b samples with seed + b
+
+
+def test_categories_evaluates_only_those_prompts_of_the_same_prompt_set(tmp_path, text_tokenizer):
+    pipe = GroundTruthPipeline(text_tokenizer)
+    report = evaluate_pipeline(pipe, tmp_path, per_category=6, seed=0, batch_size=4, categories=["pair"])
+    assert report["categories"] == ["pair"] and report["n"] == 6
+    assert list(report["passes"]["no rerank"]["accuracy"]) == ["pair"]
+    assert report["passes"]["no rerank"]["accuracy"]["pair"]["full"] == 1.0
+    wanted = [p.caption for p in prompt_set(per_category=6, seed=0) if p.category == "pair"]
+    assert pipe.prompts == wanted and [n for n, _, _ in pipe.calls] == [4, 2]  # in batches of 4
+    markdown = (tmp_path / "evaluation.md").read_text()
+    assert "pair (n=6)" in markdown and "single (n=" not in markdown and "position diversity" not in markdown
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["no_rerank_pair.png"]
+    with pytest.raises(ValueError, match="expected some of single, pair, count, held_out.*got pairs"):
+        evaluate_pipeline(pipe, tmp_path, per_category=2, categories=["pairs"])
 
 
 def test_rerank_pass_and_clip_metrics_are_reported_side_by_side(tmp_path, text_tokenizer):

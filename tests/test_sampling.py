@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dalle_proto.attention_masks import MASK_KINDS
+from dalle_proto.attention_masks import ATTENTION_MODES
 from dalle_proto.sampling import (filter_logits, generate_image_tokens,
                                   generate_image_tokens_with_logits)
 from dalle_proto.transformer import DalleTransformer, TransformerConfig
@@ -25,7 +25,7 @@ def text_batch(model, batch=2, seed=0):
     return torch.randint(0, model.config.text_vocab_size, (batch, model.config.text_len), generator=g)
 
 
-@pytest.mark.parametrize("attention", ["sparse"] + list(MASK_KINDS))
+@pytest.mark.parametrize("attention", ATTENTION_MODES)
 def test_kv_cache_logits_equal_full_forward(attention):
     model = make_model(attention)
     text = text_batch(model)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dalle_proto.attention_masks import MASK_KINDS
+from dalle_proto.attention_masks import ATTENTION_MODES
 from dalle_proto.transformer import SIZES, DalleTransformer, TransformerConfig
 
 
@@ -44,7 +44,7 @@ def test_loss_weights_are_configurable():
     assert torch.allclose(loss, parts["text_loss"])
 
 
-@pytest.mark.parametrize("attention", ["sparse"] + list(MASK_KINDS))
+@pytest.mark.parametrize("attention", ATTENTION_MODES)
 def test_perturbing_a_later_token_never_changes_earlier_logits(attention):
     c = small_config(attention=attention)
     model = DalleTransformer(c).eval()
