@@ -14,7 +14,8 @@
    first k candidates (what `--rerank k` does), `oracle@k` when a perfect reranker does (at least
    one of the k is right). The gap between the two is what a better reranker could still win.
    `--samples FILE.pt` keeps the candidates, so that several CLIPs (`--clip`) are compared on
-   the same ones.
+   the same ones. `misses`: why the CLIP's pick of all K is wrong (no right candidate at all, the
+   wrong number of objects, or which of colour / shape / relation it gets wrong).
 
 Last stdout line: one JSON object.
 """
@@ -107,7 +108,27 @@ def rerank_curve(pipe: DallePipeline, captions: list[str], candidates: int, imag
         result[f"clip@{k}"] = round(float(correct[:, :k].gather(1, chosen).mean()), 3)
         result[f"oracle@{k}"] = round(float(correct[:, :k].max(1).values.mean()), 3)
         k *= 2
+    result["misses"] = misses(judged, correct, score)
     return result
+
+
+def misses(judged: list, correct: torch.Tensor, score: torch.Tensor) -> dict:
+    """Why the CLIP's pick among all K candidates is wrong, per prompt: no candidate is right, or
+    the attribute(s) the pick gets wrong (`objects`: more or fewer than two objects detected)."""
+    found = {"no_right_candidate": 0, "objects": 0, "color": 0, "shape": 0, "relation": 0}
+    candidates = correct.shape[1]
+    for p, pick in enumerate(score.argmax(1).tolist()):
+        r = judged[p * candidates + pick]
+        if r.correct:
+            continue
+        if not correct[p].any():
+            found["no_right_candidate"] += 1
+        elif len(r.objects) != 2:
+            found["objects"] += 1
+        else:  # an attribute may be named with others: a wrong shape often breaks the relation too
+            for attribute in ("color", "shape", "relation"):
+                found[attribute] += not r.attributes.get(attribute, True)
+    return found
 
 
 def main() -> None:

@@ -31,6 +31,11 @@ its own image above all of its rendered perturbations. Measured on the shapes mo
 "Reranking", before the text-encoder fix): 2 image negatives made training 3.4x slower and did not
 make the CLIP tell a pair from its swapped version, so the shipped config leaves them off.
 
+Copy negatives (`copy_negatives` k > 0, pair captions only): renders of the pair with one object's
+colour or shape copied onto the other, also on the caption->image side. Sampled pairs often draw
+one shape twice ("a black diamond below a black triangle" as two black triangles); the grammar
+never repeats an object, so without these no training image shows the CLIP what is wrong with that.
+
 The run folder `out_dir` gets `checkpoints/last.ckpt` (atomic, every `checkpoint_every` steps and
 at the end; calling train_clip again resumes exactly), `logs/version_N/metrics.csv` (loss, in-batch
 accuracy, hard accuracy, temperature, lr) and `clip/` (config.json + model.safetensors).
@@ -66,6 +71,7 @@ from dalle_proto.transformer_data import ResumableDataLoader, StepBatchSampler, 
 
 _PERTURB = 3  # step_rng purpose of the caption perturbations (0-2 are transformer_data's)
 _PERTURB_IMAGE = 4  # step_rng purpose of the rendered perturbations
+_PERTURB_COPY = 5  # step_rng purpose of the rendered copy perturbations
 
 
 @dataclass
@@ -81,6 +87,7 @@ class ClipTrainConfig:
     caption_negatives: int = 2  # perturbed copies per shapes caption as extra negatives; 0 disables
     image_negatives: int = 0  # renders of perturbed captions per shapes caption as extra negatives
     exchange_negatives: bool = False  # pair perturbations may also exchange the objects' colours / shapes
+    copy_negatives: int = 0  # renders per pair caption with one object's colour or shape copied onto the other
     precision: str = "32-true"  # any Lightning precision string
     log_every: int = 20
     checkpoint_every: int = 500
@@ -98,8 +105,9 @@ class ClipTrainConfig:
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two values in [0, 1)"),
             (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
              "warmup_steps must be >= 0 and min_lr_ratio in [0, 1]"),
-            (min(self.grad_clip, self.caption_negatives, self.image_negatives, self.num_workers) >= 0,
-             "grad_clip, caption_negatives, image_negatives and num_workers must be >= 0"),
+            (min(self.grad_clip, self.caption_negatives, self.image_negatives, self.copy_negatives,
+                 self.num_workers) >= 0,
+             "grad_clip, caption_negatives, image_negatives, copy_negatives and num_workers must be >= 0"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
         ]
         for ok, message in checks:
@@ -116,42 +124,27 @@ def lr_at(config: ClipTrainConfig, step: int) -> float:
 
 # ---- caption perturbations -----------------------------------------------------------------------
 def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
-                    exchanges: bool = False) -> str | None:
+                    exchanges: bool = False, copies: bool = False) -> str | None:
     """The caption with one attribute changed (see the module docstring); None when the caption is
     not of the shapes grammar or no valid change was found. `exchanges`: a pair may also get its two
-    objects' colours or shapes exchanged."""
+    objects' colours or shapes exchanged. `copies`: instead, a pair gets one object's colour or shape
+    copied onto the other, which may leave two identical objects (never a training caption, but
+    what sampled pairs often show); other captions get None."""
     try:
         spec = parse_caption(caption)
     except ValueError:
         return None
+    if copies and spec["type"] != "pair":
+        return None
     for _ in range(10):
         new = copy.deepcopy(spec)
-        objects = new["objects"]
-        changes = ["color", "shape"]
-        if new["type"] == "single":
-            changes += [k for k in ("size", "position") if objects[0][k] is not None]
-        elif new["type"] == "pair":
-            # which object is where and which colour goes with which shape: what a bag of words
-            # cannot see, and what sampled pairs get wrong
-            changes += ["relation", "swap"] + (["swap_colors", "swap_shapes"] if exchanges else [])
+        if copies:
+            key, source = ("color", "shape")[rng.integers(2)], int(rng.integers(2))
+            new["objects"][1 - source][key] = new["objects"][source][key]
         else:
-            changes += ["number"]
-        change = changes[rng.integers(len(changes))]
-        obj = objects[rng.integers(len(objects))]
-        options = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
-        if change in options:
-            obj[change] = _other(rng, options[change], obj[change])
-        elif change == "relation":
-            new["relation"] = _other(rng, list(RELATIONS), new["relation"])
-        elif change in ("swap_colors", "swap_shapes"):
-            key = change[len("swap_"):-1]
-            objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
-        elif change == "number":
-            new["number"] = _other(rng, list(NUMBERS.values()), new["number"])
-        else:
-            new["objects"] = objects[::-1]
+            _change_one(new, rng, exchanges)
         pairs = [(o["color"], o["shape"]) for o in new["objects"]]
-        if new["type"] == "pair" and pairs[0] == pairs[1]:
+        if new["type"] == "pair" and pairs[0] == pairs[1] and not copies:
             continue  # the grammar's pairs differ in colour or shape
         if not allow_held_out and any(is_held_out(*p) for p in pairs):
             continue
@@ -159,6 +152,35 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
         if text != caption:
             return text
     return None
+
+
+def _change_one(spec: dict, rng: np.random.Generator, exchanges: bool) -> None:
+    """Change one attribute of a parsed caption in place (a colour, a shape, the size, the position,
+    the relation, the objects' order, the number; with `exchanges`, a pair's colours or shapes)."""
+    objects = spec["objects"]
+    changes = ["color", "shape"]
+    if spec["type"] == "single":
+        changes += [k for k in ("size", "position") if objects[0][k] is not None]
+    elif spec["type"] == "pair":
+        # which object is where and which colour goes with which shape: what a bag of words
+        # cannot see, and what sampled pairs get wrong
+        changes += ["relation", "swap"] + (["swap_colors", "swap_shapes"] if exchanges else [])
+    else:
+        changes += ["number"]
+    change = changes[rng.integers(len(changes))]
+    obj = objects[rng.integers(len(objects))]
+    options = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+    if change in options:
+        obj[change] = _other(rng, options[change], obj[change])
+    elif change == "relation":
+        spec["relation"] = _other(rng, list(RELATIONS), spec["relation"])
+    elif change in ("swap_colors", "swap_shapes"):
+        key = change[len("swap_"):-1]
+        objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
+    elif change == "number":
+        spec["number"] = _other(rng, list(NUMBERS.values()), spec["number"])
+    else:
+        spec["objects"] = objects[::-1]
 
 
 def _other(rng: np.random.Generator, options: list, current: Any) -> Any:
@@ -192,9 +214,10 @@ class ClipCollate:
     "negative_images" (N, 3, S, S), "negative_image_owner" (N,)}."""
 
     def __init__(self, text_tokenizer: Any, caption_negatives: int, seed: int, image_negatives: int = 0,
-                 to_tensor: Any = None, exchanges: bool = False):
+                 to_tensor: Any = None, exchanges: bool = False, copy_negatives: int = 0):
         self.text_tokenizer, self.caption_negatives, self.seed = text_tokenizer, caption_negatives, seed
         self.image_negatives, self.to_tensor, self.exchanges = image_negatives, to_tensor, exchanges
+        self.copy_negatives = copy_negatives
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
@@ -202,6 +225,9 @@ class ClipCollate:
         side = images[0].shape[-1]
         renders, render_owners, layouts = self._perturbations(steps, slots, captions, self.image_negatives,
                                                               _PERTURB_IMAGE, layouts=True)
+        copies = self._perturbations(steps, slots, captions, self.copy_negatives, _PERTURB_COPY, layouts=True,
+                                     copies=True)
+        renders, render_owners, layouts = renders + copies[0], render_owners + copies[1], layouts + copies[2]
         negative_images = [self.to_tensor(render_caption(text, seed=layout, size=side).image)
                            for text, layout in zip(renders, layouts)]
         tokenizer = self.text_tokenizer.eval()
@@ -213,14 +239,15 @@ class ClipCollate:
                                     else torch.zeros(0, *images[0].shape)),  # (N, 3, S, S)
                 "negative_image_owner": torch.tensor(render_owners, dtype=torch.long)}  # (N,)
 
-    def _perturbations(self, steps, slots, captions, k: int, purpose: int, layouts: bool = False):
+    def _perturbations(self, steps, slots, captions, k: int, purpose: int, layouts: bool = False,
+                       copies: bool = False):
         """k perturbations of each caption -> (texts, owner index of each, a render seed for each if
         `layouts`: drawn only then, so the caption negatives' random stream stays what it was)."""
         texts, owners, seeds = [], [], []
         for i, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
             rng = step_rng(self.seed, step, slot, purpose)
             for _ in range(k):
-                if (text := perturb_caption(caption, rng, exchanges=self.exchanges)) is not None:
+                if (text := perturb_caption(caption, rng, exchanges=self.exchanges, copies=copies)) is not None:
                     texts.append(text)
                     owners.append(i)
                     if layouts:
@@ -242,7 +269,8 @@ class ClipBatches(pl.LightningDataModule):
         return ResumableDataLoader(pairs, batch_sampler=sampler,
                                    num_workers=c.num_workers, persistent_workers=c.num_workers > 0,
                                    collate_fn=ClipCollate(self.text_tokenizer, c.caption_negatives, c.seed,
-                                                          c.image_negatives, pairs.to_tensor, c.exchange_negatives))
+                                                          c.image_negatives, pairs.to_tensor, c.exchange_negatives,
+                                                          c.copy_negatives))
 
 
 # ---- the loss ----------------------------------------------------------------------------------

@@ -167,6 +167,31 @@ def test_pair_perturbations_include_the_binding_changes():
     assert exchanged <= {perturb_caption(caption, rng, exchanges=True) for _ in range(200)}
 
 
+def test_copy_perturbations_copy_one_objects_colour_or_shape_onto_the_other():
+    rng = np.random.default_rng(0)
+    caption = "a black diamond below a black triangle"
+    found = {perturb_caption(caption, rng, copies=True) for _ in range(100)}
+    # copying black onto black changes nothing; a shape copy leaves two identical objects
+    assert found == {"a black diamond below a black diamond", "a black triangle below a black triangle"}
+    found = {perturb_caption("a red circle to the left of a blue square", rng, copies=True) for _ in range(100)}
+    assert found == {"a red circle to the left of a red square", "a blue circle to the left of a blue square",
+                     "a red circle to the left of a blue circle", "a red square to the left of a blue square"}
+    assert perturb_caption("a red circle", rng, copies=True) is None  # pairs only
+    assert perturb_caption("three yellow triangles", rng, copies=True) is None
+
+
+def test_copy_negatives_are_renders_for_pair_captions_only(text_tokenizer):
+    dataset = ShapesDataset(12, seed=1, size=SIZE)
+    samples = [(3, slot, pil_to_tensor(dataset[slot][0]), dataset[slot][1]) for slot in range(12)]
+    pairs = [i for i, (_, _, _, caption) in enumerate(samples) if parse_caption(caption)["type"] == "pair"]
+    assert pairs  # the seed gives this batch some pairs
+    batch = ClipCollate(text_tokenizer, 0, seed=0, to_tensor=pil_to_tensor, copy_negatives=2)(samples)
+    assert batch["negative_images"].shape == (2 * len(pairs), 3, SIZE, SIZE)
+    assert batch["negative_image_owner"].tolist() == [i for i in pairs for _ in range(2)]
+    captions = [samples[i][3] for i in batch["negative_image_owner"].tolist()]
+    assert not any(r.correct for r in evaluate_each(batch["negative_images"], captions))  # all true negatives
+
+
 def test_caption_negatives_are_scored_and_raise_the_loss(text_tokenizer):
     torch.manual_seed(0)
     model = ClipModel(tiny_config(text_tokenizer))
