@@ -225,9 +225,9 @@ class ClipCollate:
         side = images[0].shape[-1]
         renders, render_owners, layouts = self._perturbations(steps, slots, captions, self.image_negatives,
                                                               _PERTURB_IMAGE, layouts=True)
-        copies = self._perturbations(steps, slots, captions, self.copy_negatives, _PERTURB_COPY, layouts=True,
-                                     copies=True)
-        renders, render_owners, layouts = renders + copies[0], render_owners + copies[1], layouts + copies[2]
+        copied, copy_owners, copy_layouts = self._perturbations(steps, slots, captions, self.copy_negatives,
+                                                                _PERTURB_COPY, layouts=True, copies=True)
+        renders, render_owners, layouts = renders + copied, render_owners + copy_owners, layouts + copy_layouts
         negative_images = [self.to_tensor(render_caption(text, seed=layout, size=side).image)
                            for text, layout in zip(renders, layouts)]
         tokenizer = self.text_tokenizer.eval()

@@ -301,7 +301,7 @@ def to_markdown(report: dict) -> str:
     passes = list(report["passes"])
     lines = [f"# Evaluation ({report['n']} prompts, seed {report['seed']})", ""]
     if "accuracy" in report["passes"][passes[0]]:
-        categories = [c for c in CATEGORIES if c in report["categories"]]
+        categories = report["categories"]  # in CATEGORIES order
         header = [f"{c} (n={report['passes'][passes[0]]['accuracy'][c]['n']})" + (f", {p}" if len(passes) > 1 else "")
                   for c in categories for p in passes]
         lines += ["Attribute accuracy (shapes_evaluator; — = no prompt of the category states it):", "",
