@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dalle_proto.clip import ClipModel  # noqa: E402
+from dalle_proto.clip import load_clip  # noqa: E402
 from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
 from dalle_proto.datasets.shapes import render_caption  # noqa: E402
 from dalle_proto.datasets.shapes_grammar import compose_caption, parse_caption  # noqa: E402
@@ -145,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     pipe = DallePipeline.from_pretrained(args.checkpoint)
     if args.clip:
-        pipe.clip = ClipModel.from_pretrained(args.clip).float().eval()
+        pipe.clip = load_clip(args.clip).float().eval()
     if pipe.clip is None:
         raise SystemExit(f"{args.checkpoint} has no clip/ and no --clip was given: nothing reranks")
     pairs = [p.caption for p in prompt_set(max(args.probe, args.prompts), seed=1) if p.category == "pair"]

@@ -4,7 +4,7 @@ DALL·E reranks its samples with CLIP: draw N images per caption, keep the one w
 closest to the caption's. This model is trained from scratch on the project's own pairs
 (clip_training.py) and is small enough for a CPU:
 
-    clip = ClipModel.from_pretrained("runs/shapes/clip")
+    clip = load_clip("runs/shapes/clip")  # a ClipModel, or a ClipEnsemble of several
     scores = clip.score(images, text_tokenizer.encode(captions))  # (B,) cosine similarities
 
 - image encoder: a conv net on pixels in [-1, 1] (B, 3, S, S) with two coordinate channels
@@ -16,20 +16,29 @@ closest to the caption's. This model is trained from scratch on the project's ow
   the non-pad positions (the empty caption, all pads, pools over every position).
 - both project to `embed_dim` and are L2-normalised; `logit_scale` (log of the inverse
   temperature, learned, clamped at log 100 as in CLIP) scales the cosine similarities in the loss.
+
+`ClipEnsemble`: several CLIPs trained alike from different seeds (`clip_training.members`), scored
+by their mean cosine. Where one small CLIP's best-of-32 pick is wrong, the right candidate often
+scores within 0.01 of it; members err on different candidates, and averaging them picks right
+more often (BENCHMARKS.md, "An ensemble of CLIPs").
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_proto.pretrained import PretrainedMixin
+from dalle_proto.pretrained import CONFIG_NAME, PretrainedMixin, atomic_write_bytes
 
 RANGE_TOLERANCE = 1e-3
 MAX_LOGIT_SCALE = math.log(100.0)
+ENSEMBLE_NAME = "ensemble.json"  # marks a folder that holds a ClipEnsemble
 
 
 @dataclass
@@ -142,6 +151,10 @@ class ClipModel(PretrainedMixin, nn.Module):
         self.text_encoder = TextEncoder(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
+    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        (Path(folder) / ENSEMBLE_NAME).unlink(missing_ok=True)  # else load_clip would read a stale ensemble
+        return super().save_pretrained(folder, dtype=dtype)
+
     # ---- input checks ------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
         s = self.config.image_size
@@ -192,3 +205,64 @@ class ClipModel(PretrainedMixin, nn.Module):
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image embeddings (B, E), text embeddings (B', E)), both unit norm."""
         return self.encode_image(images), self.encode_text(text_ids)
+
+
+class ClipEnsemble(nn.Module):
+    """Several ClipModels of one config, used as one: `score` is the members' mean cosine, and the
+    embeddings are the members' unit embeddings concatenated and scaled by 1/sqrt(n), so they keep
+    unit norm and their dot product is that same mean cosine (CLIP score, R-precision and FID
+    computed from the embeddings agree with `score`)."""
+
+    def __init__(self, members: list[ClipModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("ClipEnsemble needs at least one ClipModel")
+        configs = {json.dumps(asdict(m.config), sort_keys=True) for m in members}
+        if len(configs) > 1:
+            raise ValueError(f"ClipEnsemble members must share one ClipConfig; got {len(configs)} different ones")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def _joined(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(embeddings, dim=-1) / math.sqrt(len(embeddings))  # (B, n*E), unit norm
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) in [-1, 1] -> unit-norm embeddings (B, n*E)."""
+        return self._joined([m.encode_image(images) for m in self.members])
+
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Text ids (B, T) -> unit-norm embeddings (B, n*E)."""
+        return self._joined([m.encode_text(text_ids) for m in self.members])
+
+    def score(self, images: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        """The members' mean cosine similarity of image i and caption i, (B,)."""
+        return torch.stack([m.score(images, text_ids) for m in self.members]).mean(0)  # (B,)
+
+    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """`folder/ensemble.json` (the member count) + one ClipModel folder per member, `member_0/` ..."""
+        folder = Path(folder)
+        for i, member in enumerate(self.members):
+            member.save_pretrained(folder / f"member_{i}", dtype=dtype)
+        for stale in (CONFIG_NAME, "model.safetensors"):  # a single CLIP saved here before
+            (folder / stale).unlink(missing_ok=True)
+        atomic_write_bytes(folder / ENSEMBLE_NAME, (json.dumps({"members": len(self.members)}) + "\n").encode())
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "ClipEnsemble":
+        folder = Path(folder)
+        try:
+            count = json.loads((folder / ENSEMBLE_NAME).read_text())["members"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder / ENSEMBLE_NAME}: expected JSON {{\"members\": N}}: {e}") from e
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{folder / ENSEMBLE_NAME}: members must be an integer >= 1; got {count!r}")
+        return cls([ClipModel.from_pretrained(folder / f"member_{i}") for i in range(count)]).eval()
+
+
+def load_clip(folder: str | os.PathLike) -> ClipModel | ClipEnsemble:
+    """The CLIP saved in `folder`: a ClipEnsemble when it holds ensemble.json, else one ClipModel."""
+    folder = Path(folder)
+    if (folder / ENSEMBLE_NAME).is_file():
+        return ClipEnsemble.from_pretrained(folder)
+    return ClipModel.from_pretrained(folder)

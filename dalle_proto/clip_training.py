@@ -88,6 +88,7 @@ class ClipTrainConfig:
     image_negatives: int = 0  # renders of perturbed captions per shapes caption as extra negatives
     exchange_negatives: bool = False  # pair perturbations may also exchange the objects' colours / shapes
     copy_negatives: int = 0  # renders per pair caption with one object's colour or shape copied onto the other
+    members: int = 1  # > 1: that many CLIPs, seeds seed, seed+1, ..., saved as one ClipEnsemble
     precision: str = "32-true"  # any Lightning precision string
     log_every: int = 20
     checkpoint_every: int = 500
@@ -109,6 +110,7 @@ class ClipTrainConfig:
                  self.num_workers) >= 0,
              "grad_clip, caption_negatives, image_negatives, copy_negatives and num_workers must be >= 0"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
+            (self.members >= 1, "members must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

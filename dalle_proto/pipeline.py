@@ -10,6 +10,7 @@ A pipeline is a folder, and a training run's `out_dir` already is one (stages.py
     image_tokenizer/    config.json + model.safetensors      (ImageTokenizer)
     transformer/        config.json + model.safetensors      (DalleTransformer)
     clip/               config.json + model.safetensors      (ClipModel; optional, for reranking)
+                        or ensemble.json + member_{i}/       (ClipEnsemble)
     pipeline.json       sampling defaults (PipelineConfig; optional)
 
 Loading checks that the parts agree (text vocabulary and length, codebook size and token grid), so a
@@ -91,9 +92,9 @@ class DallePipeline:
         transformer = DalleTransformer.from_pretrained(folder / TRANSFORMER_DIR)
         clip = None
         if (folder / CLIP_DIR).is_dir():
-            from dalle_proto.clip import ClipModel  # only pipelines that ship a CLIP need it
+            from dalle_proto.clip import load_clip  # only pipelines that ship a CLIP need it
 
-            clip = ClipModel.from_pretrained(folder / CLIP_DIR)
+            clip = load_clip(folder / CLIP_DIR)
         config = PipelineConfig()
         config_path = folder / PIPELINE_CONFIG_NAME
         if config_path.is_file():

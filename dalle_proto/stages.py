@@ -10,12 +10,15 @@ Each stage takes the run config and reads what earlier stages wrote under `out_d
     out_dir/transformer_training/      checkpoints, logs, sample grids (resumable)
     out_dir/transformer/               config.json + model.safetensors (EMA weights)
     out_dir/clip_training/             checkpoints, logs (resumable)
-    out_dir/clip/                      config.json + model.safetensors (the reranker; needs text_tokenizer/)
+    out_dir/clip_training_member_{i}/  the same for ensemble member i >= 1 (clip_training.members)
+    out_dir/clip/                      config.json + model.safetensors (the reranker; needs text_tokenizer/),
+                                       or ensemble.json + member_{i}/ for an ensemble
 
 Re-running a stage resumes it from its last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch.utils.data import IterableDataset, Subset
@@ -128,7 +131,7 @@ def train(config: RunConfig):
 
 
 def train_clip(config: RunConfig):
-    from .clip import ClipConfig
+    from .clip import ClipConfig, ClipEnsemble
     from .clip_training import train_clip as train
     from .text_tokenizer import TextTokenizer
 
@@ -136,8 +139,14 @@ def train_clip(config: RunConfig):
     clip_config = ClipConfig.from_architecture(config.clip, text_vocab_size=text_tokenizer.total_vocab_size,
                                                text_len=text_tokenizer.text_len, image_size=config.data.image_size)
     _save_run_config(config, "train_clip")
-    model = train(clip_config, config.clip_training, text_tokenizer, build_dataset(config.data, "train"),
-                  config.out / "clip_training")
+    dataset, c = build_dataset(config.data, "train"), config.clip_training
+    members = []
+    for i in range(c.members):  # one after another, each resumable in its own folder
+        if c.members > 1:
+            print(f"CLIP ensemble member {i + 1}/{c.members} (seed {c.seed + i})")
+        folder = config.out / ("clip_training" if i == 0 else f"clip_training_member_{i}")
+        members.append(train(clip_config, dataclasses.replace(c, seed=c.seed + i), text_tokenizer, dataset, folder))
+    model = members[0] if len(members) == 1 else ClipEnsemble(members)
     model.save_pretrained(config.out / "clip")
     print(f"clip -> {config.out / 'clip'}")
     return model

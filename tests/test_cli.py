@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from dalle_proto.cli import build_parser, main
+from dalle_proto.clip import ClipEnsemble, ClipModel, load_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -61,3 +63,15 @@ def test_training_stages_chain_from_one_config(tmp_path):
     assert clip_config["text_vocab_size"] == transformer_config["text_vocab_size"] + transformer_config["text_len"]
     main(["evaluate", "--checkpoint", str(out), "--per-category", "1", "--batch-size", "4"])
     assert "| full |" in (out / "evaluation" / "evaluation.md").read_text()
+    single = load_clip(out / "clip")
+    # members=2 keeps the finished run as member 0 and trains member 1 from seed + 1 beside it
+    main(["train-clip", "--config", TINY, f"out_dir={out}", "clip_training.members=2"])
+    ensemble = load_clip(out / "clip")
+    assert isinstance(single, ClipModel) and isinstance(ensemble, ClipEnsemble) and len(ensemble.members) == 2
+    assert (out / "clip_training_member_1" / "checkpoints").is_dir()
+    first, second = (m.state_dict() for m in ensemble.members)
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in first.items())
+    assert not all(torch.equal(v, second[k]) for k, v in first.items())
+    main(["generate", "a red circle", "--model", str(out), "--num-images", "2", "--rerank", "2",
+          "--out", str(tmp_path / "reranked.png")])
+    assert (tmp_path / "reranked.png").is_file()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_proto.clip import ClipConfig, ClipModel
+from dalle_proto.clip import ClipConfig, ClipEnsemble, ClipModel, load_clip
 from dalle_proto.clip_training import ClipCollate, ClipTrainConfig, clip_loss, perturb_caption, train_clip
 from dalle_proto.shapes_evaluator import evaluate_each
 from dalle_proto.datasets.augmentation import pil_to_tensor
@@ -94,6 +94,46 @@ def test_save_load_round_trip_and_strict_loading(text_tokenizer, tmp_path):
     save_component(tmp_path / "bad", model.config, state)
     with pytest.raises(ValueError, match=r"bad.*model.safetensors.*unexpected keys \['extra.weight'\]"):
         ClipModel.from_pretrained(tmp_path / "bad")
+
+
+def test_ensemble_scores_the_members_mean_cosine_and_its_embeddings_agree(text_tokenizer):
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(ClipModel(tiny_config(text_tokenizer)).eval())
+    ensemble = ClipEnsemble(members).eval()
+    batch, _ = shapes_batch(text_tokenizer, 4)
+    images, ids = batch["images"], batch["text_ids"]
+    mean = torch.stack([m.score(images, ids) for m in members]).mean(0)  # (4,)
+    torch.testing.assert_close(ensemble.score(images, ids), mean)
+    image_emb, text_emb = ensemble.encode_image(images), ensemble.encode_text(ids)
+    assert image_emb.shape == text_emb.shape == (4, 3 * 32)
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close((image_emb * text_emb).sum(-1), mean)
+    assert not torch.equal(members[0].score(images, ids), members[1].score(images, ids))
+
+
+def test_load_clip_reads_a_single_clip_or_an_ensemble_and_resaving_replaces_the_other(text_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    single = ClipModel(tiny_config(text_tokenizer)).eval()
+    ensemble = ClipEnsemble([single, ClipModel(tiny_config(text_tokenizer)).eval()])
+    batch, _ = shapes_batch(text_tokenizer, 3)
+    folder = tmp_path / "clip"
+    single.save_pretrained(folder)
+    ensemble.save_pretrained(folder)  # over the single CLIP: its config.json / weights are removed
+    assert sorted(p.name for p in folder.iterdir()) == ["ensemble.json", "member_0", "member_1"]
+    loaded = load_clip(folder)
+    assert isinstance(loaded, ClipEnsemble) and len(loaded.members) == 2
+    torch.testing.assert_close(loaded.score(batch["images"], batch["text_ids"]),
+                               ensemble.score(batch["images"], batch["text_ids"]), rtol=0, atol=0)
+    single.save_pretrained(folder)  # and back: a stale ensemble.json would shadow the single CLIP
+    assert isinstance(load_clip(folder), ClipModel)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ensemble.json").write_text('{"members": 0}')
+    with pytest.raises(ValueError, match=r"bad/ensemble.json: members must be an integer >= 1; got 0"):
+        load_clip(tmp_path / "bad")
+    with pytest.raises(ValueError, match="share one ClipConfig"):
+        ClipEnsemble([single, ClipModel(tiny_config(text_tokenizer, embed_dim=16))])
 
 
 def test_text_embedding_sees_word_order_from_the_start(text_tokenizer):
