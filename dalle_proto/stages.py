@@ -142,9 +142,9 @@ def train_clip(config: RunConfig):
     dataset, c = build_dataset(config.data, "train"), config.clip_training
     members = []
     for i in range(c.members):  # one after another, each resumable in its own folder
-        if c.members > 1:
-            print(f"CLIP ensemble member {i + 1}/{c.members} (seed {c.seed + i})")
         folder = config.out / ("clip_training" if i == 0 else f"clip_training_member_{i}")
+        if c.members > 1:
+            print(f"CLIP ensemble member {i} of 0..{c.members - 1} (seed {c.seed + i}) -> {folder}")
         members.append(train(clip_config, dataclasses.replace(c, seed=c.seed + i), text_tokenizer, dataset, folder))
     model = members[0] if len(members) == 1 else ClipEnsemble(members)
     model.save_pretrained(config.out / "clip")

@@ -75,3 +75,7 @@ def test_training_stages_chain_from_one_config(tmp_path):
     main(["generate", "a red circle", "--model", str(out), "--num-images", "2", "--rerank", "2",
           "--out", str(tmp_path / "reranked.png")])
     assert (tmp_path / "reranked.png").is_file()
+    main(["export", str(out), str(tmp_path / "exported")])  # bf16, ensemble and all
+    exported = load_clip(tmp_path / "exported" / "clip")
+    assert isinstance(exported, ClipEnsemble) and exported.members[1].logit_scale.dtype == torch.float32
+    assert torch.equal(exported.members[1].logit_scale, second["logit_scale"].bfloat16().float())
