@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_proto.pretrained import CONFIG_NAME, PretrainedMixin, atomic_write_bytes
+from dalle_proto.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin, atomic_write_bytes
 
 RANGE_TOLERANCE = 1e-3
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -217,9 +217,9 @@ class ClipEnsemble(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("ClipEnsemble needs at least one ClipModel")
-        configs = {json.dumps(asdict(m.config), sort_keys=True) for m in members}
-        if len(configs) > 1:
-            raise ValueError(f"ClipEnsemble members must share one ClipConfig; got {len(configs)} different ones")
+        others = [m.config for m in members if m.config != members[0].config]
+        if others:
+            raise ValueError(f"ClipEnsemble members must share one ClipConfig; got {members[0].config} and {others[0]}")
         self.members = nn.ModuleList(members)
         self.config = members[0].config
 
@@ -243,7 +243,7 @@ class ClipEnsemble(nn.Module):
         folder = Path(folder)
         for i, member in enumerate(self.members):
             member.save_pretrained(folder / f"member_{i}", dtype=dtype)
-        for stale in (CONFIG_NAME, "model.safetensors"):  # a single CLIP saved here before
+        for stale in (CONFIG_NAME, WEIGHTS_NAME):  # a single CLIP saved here before
             (folder / stale).unlink(missing_ok=True)
         atomic_write_bytes(folder / ENSEMBLE_NAME, (json.dumps({"members": len(self.members)}) + "\n").encode())
         return folder
