@@ -15,7 +15,7 @@ Metrics of each pass:
 - FID: the Fréchet distance between Gaussians fitted to features of the samples and of reference
   renders: ground-truth renders of the same prompts (`render_caption` with seed + 1, so their
   layouts are independent draws), which makes the two sets differ only in what the model got wrong.
-  Feature space: the CLIP image embedding (unit norm, `embed_dim`) when the pipeline has a CLIP;
+  Feature space: the CLIP image embedding (unit norm, `embed_dim`; an ensemble's joined ones) when the pipeline has a CLIP;
   else the pixels average-pooled to 8x8 (192 values). The report names the space used: FIDs in
   different spaces, or with different CLIPs, are not comparable;
 - position diversity: over single prompts that leave the position open, the normalised entropy
@@ -271,8 +271,10 @@ def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: in
             chosen = [i for i, p in enumerate(prompts) if p.category == category][:GRID_IMAGES]
             grid = make_image_grid(images[chosen], captions=[prompts[i].caption for i in chosen], columns=8)
             grid.save(_ensure(out / "grids") / f"{name.replace(' ', '_')}_{category}.png")
+    members = len(getattr(clip, "members", ())) or 1  # a ClipEnsemble joins its members' embeddings
     report["fid_features"] = None if not shapes else (
-        f"CLIP image embedding ({clip.config.embed_dim}-d, unit norm)" if clip is not None
+        f"CLIP image embedding ({members * clip.config.embed_dim}-d, unit norm"
+        f"{f', {members} CLIPs joined' if members > 1 else ''})" if clip is not None
         else "pixels average-pooled to 8x8 (192-d)")
     report["notes"] = [] if clip is not None else ["no clip/ in the checkpoint: CLIP score and R-precision skipped"]
     markdown = to_markdown(report)
