@@ -151,6 +151,13 @@ class ClipModel(PretrainedMixin, nn.Module):
         self.text_encoder = TextEncoder(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
+    member_count = 1  # ClipEnsemble has the same two attributes: callers need not tell them apart
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of encode_image / encode_text's output."""
+        return self.config.embed_dim
+
     def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         (Path(folder) / ENSEMBLE_NAME).unlink(missing_ok=True)  # else load_clip would read a stale ensemble
         return super().save_pretrained(folder, dtype=dtype)
@@ -222,6 +229,15 @@ class ClipEnsemble(nn.Module):
             raise ValueError(f"ClipEnsemble members must share one ClipConfig; got {members[0].config} and {others[0]}")
         self.members = nn.ModuleList(members)
         self.config = members[0].config
+
+    @property
+    def member_count(self) -> int:
+        return len(self.members)
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of encode_image / encode_text's output: the members' embeddings joined."""
+        return self.member_count * self.config.embed_dim
 
     def _joined(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(embeddings, dim=-1) / math.sqrt(len(embeddings))  # (B, n*E), unit norm

@@ -271,10 +271,9 @@ def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: in
             chosen = [i for i, p in enumerate(prompts) if p.category == category][:GRID_IMAGES]
             grid = make_image_grid(images[chosen], captions=[prompts[i].caption for i in chosen], columns=8)
             grid.save(_ensure(out / "grids") / f"{name.replace(' ', '_')}_{category}.png")
-    members = len(getattr(clip, "members", ())) or 1  # a ClipEnsemble joins its members' embeddings
     report["fid_features"] = None if not shapes else (
-        f"CLIP image embedding ({members * clip.config.embed_dim}-d, unit norm"
-        f"{f', {members} CLIPs joined' if members > 1 else ''})" if clip is not None
+        f"CLIP image embedding ({clip.embedding_size}-d, unit norm"
+        f"{f', {clip.member_count} CLIPs joined' if clip.member_count > 1 else ''})" if clip is not None
         else "pixels average-pooled to 8x8 (192-d)")
     report["notes"] = [] if clip is not None else ["no clip/ in the checkpoint: CLIP score and R-precision skipped"]
     markdown = to_markdown(report)

@@ -108,6 +108,8 @@ def test_ensemble_scores_the_members_mean_cosine_and_its_embeddings_agree(text_t
     torch.testing.assert_close(ensemble.score(images, ids), mean)
     image_emb, text_emb = ensemble.encode_image(images), ensemble.encode_text(ids)
     assert image_emb.shape == text_emb.shape == (4, 3 * 32)
+    assert (ensemble.member_count, ensemble.embedding_size) == (3, 3 * 32)
+    assert (members[0].member_count, members[0].embedding_size) == (1, 32)
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close((image_emb * text_emb).sum(-1), mean)
     assert not torch.equal(members[0].score(images, ids), members[1].score(images, ids))
