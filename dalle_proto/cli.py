@@ -57,6 +57,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from . import stages
 
     config = _load_run_config(args)
+    stages.check_overrides(args.stage, config, args.overrides)
     getattr(stages, args.stage)(config)
 
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_proto.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin, atomic_write_bytes
+from dalle_proto.pretrained import (CONFIG_NAME, WEIGHTS_NAME, BadSavedFileError, PretrainedMixin,
+                                    atomic_write_bytes, read_json_object)
 
 RANGE_TOLERANCE = 1e-3
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -267,12 +268,11 @@ class ClipEnsemble(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "ClipEnsemble":
         folder = Path(folder)
-        try:
-            count = json.loads((folder / ENSEMBLE_NAME).read_text())["members"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{folder / ENSEMBLE_NAME}: expected JSON {{\"members\": N}}: {e}") from e
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"{folder / ENSEMBLE_NAME}: members must be an integer >= 1; got {count!r}")
+        path = folder / ENSEMBLE_NAME
+        count = read_json_object(path, 'the ensemble.json written by ClipEnsemble.save_pretrained: {"members": N}'
+                                 ).get("members")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise BadSavedFileError(path, f'members must be an integer >= 1; got {count!r}; expected {{"members": N}}')
         return cls([ClipModel.from_pretrained(folder / f"member_{i}") for i in range(count)]).eval()
 
 

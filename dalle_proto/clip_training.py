@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import Dataset, IterableDataset
 
-from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint
+from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint, load_training_checkpoint
 from dalle_proto.clip import ClipConfig, ClipModel
 from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.datasets.augmentation import DalleImageAugmentation
@@ -66,6 +66,7 @@ from dalle_proto.datasets.shapes import render_caption
 from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, POSITIONS, RELATIONS, SHAPES, SIZES,
                                                  compose_caption, is_held_out, parse_caption)
 from dalle_proto.pretrained import load_state_dict_strict
+from dalle_proto.text_tokenizer import TruncationReportedOnce
 from dalle_proto.training_callbacks import StepCheckpoint
 from dalle_proto.transformer_data import ResumableDataLoader, StepBatchSampler, step_rng
 
@@ -220,6 +221,7 @@ class ClipCollate:
         self.text_tokenizer, self.caption_negatives, self.seed = text_tokenizer, caption_negatives, seed
         self.image_negatives, self.to_tensor, self.exchanges = image_negatives, to_tensor, exchanges
         self.copy_negatives = copy_negatives
+        self.report_truncation = TruncationReportedOnce("this CLIP run's batches")
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
@@ -233,9 +235,11 @@ class ClipCollate:
         negative_images = [self.to_tensor(render_caption(text, seed=layout, size=side).image)
                            for text, layout in zip(renders, layouts)]
         tokenizer = self.text_tokenizer.eval()
+        with self.report_truncation():
+            text_ids, negative_ids = tokenizer.encode(list(captions)), tokenizer.encode(negatives)  # (B, T), (M, T)
         return {"images": torch.stack(images),  # (B, 3, S, S)
-                "text_ids": tokenizer.encode(list(captions)),  # (B, T)
-                "negative_ids": tokenizer.encode(negatives),  # (M, T)
+                "text_ids": text_ids,  # (B, T)
+                "negative_ids": negative_ids,  # (M, T)
                 "negative_owner": torch.tensor(owners, dtype=torch.long),  # (M,)
                 "negative_images": (torch.stack(negative_images) if negative_images
                                     else torch.zeros(0, *images[0].shape)),  # (N, 3, S, S)
@@ -399,7 +403,7 @@ def _export(clip_config: ClipConfig, checkpoint_dir: Path, folder: Path, is_glob
     path = last_checkpoint(checkpoint_dir)
     if path is None:
         raise FileNotFoundError(f"{checkpoint_dir}: training ended without writing last.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_training_checkpoint(path)["state_dict"]
     model = ClipModel(clip_config)
     load_state_dict_strict(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
                            source=f"{path} (weights under 'model.')")

@@ -430,8 +430,19 @@ def train_image_tokenizer(model_config: ImageTokenizerConfig, train_config: Imag
     cfg = train_config
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise ValueError("train_image_tokenizer: train_dataset and eval_dataset must not be empty")
+    threads_before = torch.get_num_threads()
     if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(cfg.num_threads)  # restored below: the caller's later work keeps its threads
+    try:
+        return _fit(model_config, cfg, train_dataset, eval_dataset, out_dir, accelerator, devices, progress,
+                    max_steps)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fit(model_config: ImageTokenizerConfig, cfg: ImageTokenizerTrainConfig, train_dataset, eval_dataset,
+         out_dir: Path, accelerator: str, devices: int | str, progress: bool, max_steps: int | None) -> ImageTokenizer:
+    """The body of `train_image_tokenizer`, run with its thread count."""
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ImageTokenizerModule(model_config, cfg, train_dataset, eval_dataset, out_dir)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dalle_proto.image_grid import to_pil_images
 from dalle_proto.image_tokenizer import ImageTokenizer
-from dalle_proto.pretrained import atomic_write_bytes, config_from_dict
+from dalle_proto.pretrained import atomic_write_bytes, config_from_dict, read_json_object
 from dalle_proto.sampling import generate_image_tokens
 from dalle_proto.text_tokenizer import TextTokenizer
 from dalle_proto.transformer import DalleTransformer
@@ -98,10 +98,8 @@ class DallePipeline:
         config = PipelineConfig()
         config_path = folder / PIPELINE_CONFIG_NAME
         if config_path.is_file():
-            try:
-                values = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON: {e}") from e
+            values = read_json_object(config_path, f"the {PIPELINE_CONFIG_NAME} written by save_pretrained: "
+                                                   "an object of PipelineConfig fields (sampling defaults)")
             config = config_from_dict(PipelineConfig, values, source=str(config_path))
         pipe = cls(text_tokenizer, image_tokenizer, transformer.to(dtype), clip, config, source=str(folder))
         return pipe.to(device)

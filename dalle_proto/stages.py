@@ -15,19 +15,113 @@ Each stage takes the run config and reads what earlier stages wrote under `out_d
                                        or ensemble.json + member_{i}/ for an ensemble
 
 Re-running a stage resumes it from its last checkpoint.
+
+A dotted override must take effect or fail (`check_overrides`): an override of a value that a saved
+part fixes (the text tokenizer's `bpe_dropout` at `train`, say) is an error naming the value in force
+and its file, unless it equals that value; an override of a section the stage does not read at all
+(`transformer.depth` given to `train-text-tokenizer`) is a warning that names the stages reading it, so
+that one command line can still be passed to every stage.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
+from functools import reduce
 from pathlib import Path
+from typing import Any, Sequence
 
 from torch.utils.data import IterableDataset, Subset
 from tqdm.auto import tqdm
 
-from .config import config_to_yaml
+from .config import ConfigError, config_to_yaml
 from .datasets import build_dataset
 from .pretrained import atomic_write_bytes
 from .run_config import RunConfig
+
+
+# the top-level keys of the run config that each stage reads; the rest belongs to other stages
+STAGE_READS = {
+    "train_text_tokenizer": ("out_dir", "data", "text_tokenizer"),
+    "train_image_tokenizer": ("out_dir", "data", "image_tokenizer", "image_tokenizer_training",
+                              "image_tokenizer_path"),
+    "encode": ("out_dir", "data", "image_tokenizer_path"),
+    "train": ("out_dir", "transformer", "training", "image_tokenizer_path"),
+    "train_clip": ("out_dir", "data", "clip", "clip_training"),
+}
+
+
+class UnusedOverrideWarning(UserWarning):
+    """A command-line override names a part of the run config that this stage does not read."""
+
+
+def check_overrides(stage: str, config: RunConfig, overrides: Sequence[str]) -> None:
+    """Fail on an override that a saved part makes ineffective; warn on one the stage never reads."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        section = key.split(".", 1)[0]
+        value = reduce(getattr, key.split("."), config)
+        in_force = _value_in_force(stage, config, key)
+        if in_force is not None:
+            saved, source = in_force
+            if saved != value:
+                raise ConfigError(
+                    f"override {item!r} has no effect on {stage.replace('_', '-')}: {key.split('.', 1)[1]}="
+                    f"{saved!r} is in force, from {source}; to change it, re-run the stage that wrote that "
+                    "file with this override (and the stages after it)")
+        elif section not in STAGE_READS[stage]:
+            readers = [name.replace("_", "-") for name, reads in STAGE_READS.items() if section in reads]
+            warnings.warn(f"override {item!r} is not used by {stage.replace('_', '-')} (it reads "
+                          f"{', '.join(STAGE_READS[stage])}); it takes effect in: {', '.join(readers) or 'none'}",
+                          UnusedOverrideWarning, stacklevel=2)
+
+
+def _value_in_force(stage: str, config: RunConfig, key: str) -> tuple[Any, str] | None:
+    """(value, file) when a part saved by an earlier stage fixes `key` for this stage, else None."""
+    section, _, name = key.partition(".")
+    if section == "text_tokenizer" and stage in ("train", "train_clip") and name:
+        from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
+
+        folder = config.out / "text_tokenizer"
+        if not (folder / TOKENIZER_FILE).is_file():
+            return None  # the stage itself says the tokenizer is missing
+        tokenizer = TextTokenizer.from_pretrained(folder)
+        if name == "vocab_size":  # the file holds the true size; compare what training asked for
+            return (tokenizer.requested_vocab_size, str(folder / TOKENIZER_FILE)) \
+                if tokenizer.requested_vocab_size is not None else None
+        return getattr(tokenizer.config, name), str(folder / TOKENIZER_FILE)
+    if section == "image_tokenizer" and stage in ("encode", "train") and name:
+        from .pretrained import CONFIG_NAME
+
+        path = image_tokenizer_folder(config) / CONFIG_NAME
+        if not path.is_file():
+            return None
+        values = json.loads(path.read_text())
+        top = name.split(".")[0]
+        return (values[top], str(path)) if top in values else None
+    derived = {"text_vocab_size", "text_len", "image_vocab_size", "image_grid"}
+    if section == "transformer" and stage == "train" and name in derived:
+        return _derived_transformer_value(config, name)
+    return None
+
+
+def _derived_transformer_value(config: RunConfig, name: str) -> tuple[Any, str] | None:
+    """transformer.text_len and its kin come from the tokenizer and the token cache, not the config."""
+    if name in ("text_vocab_size", "text_len"):
+        from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
+
+        folder = config.out / "text_tokenizer"
+        if not (folder / TOKENIZER_FILE).is_file():
+            return None
+        tokenizer = TextTokenizer.from_pretrained(folder)
+        return getattr(tokenizer, "vocab_size" if name == "text_vocab_size" else name), str(folder / TOKENIZER_FILE)
+    from .token_cache import TokenCache
+
+    folder = config.out / "token_cache" / "train"
+    if not (folder / "meta.json").is_file():
+        return None
+    cache = TokenCache(folder)
+    return (cache.codebook_size if name == "image_vocab_size" else cache.grid_size), str(folder / "meta.json")
 
 
 def _has_eval_split(config: RunConfig) -> bool:

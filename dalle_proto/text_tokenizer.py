@@ -6,10 +6,15 @@ caption is ever unknown: an unseen word or emoji just costs more tokens. Every w
 leading space marker (`add_prefix_space`), so "red" is the same token at the start of a caption and
 in its middle, which matters when the vocabulary is small.
 
-BPE dropout (the paper's 0.1) is applied only in training mode, switched like an `nn.Module`:
-`tok.train()` / `tok.eval()` and the `tok.training` flag; a new or loaded tokenizer is in eval mode.
+BPE dropout (the paper's 0.1; Provilkov et al. 2020) is applied only in training mode, switched like
+an `nn.Module`: `tok.train()` / `tok.eval()` and the `tok.training` flag; a new or loaded tokenizer is
+in eval mode. In eval mode the `tokenizers` library encodes. In training mode the same vocabulary and
+merges are applied here (`bpe_dropout.py`), each merge skipped with probability bpe_dropout by a
+numpy generator the caller passes (`encode(captions, rng=...)`), because the library draws its dropout
+from an unseedable thread RNG: a training run seeds one generator per sample, so its text ids (and the
+run) are bit-reproducible and resume exactly.
 
-Fixed length: a caption is truncated to `text_len` ids; position i of a shorter caption gets the pad
+Fixed length: a caption is truncated to `text_len` ids (with a warning that says so); position i of a shorter caption gets the pad
 id `vocab_size + i` (the paper's per-position pad: each position learns its own pad embedding), so
 the transformer's text vocabulary is `total_vocab_size = vocab_size + text_len`. The empty caption
 is all pads: the "null" text of classifier-free guidance (`null_ids()`).
@@ -23,26 +28,58 @@ The dalle_proto settings are read back from its standard fields, so they cannot 
   text_len    <- `truncation.max_length`
   bpe_dropout <- `model.dropout` (note: a raw `Tokenizer.from_file` therefore has dropout ON)
   lowercase   <- whether `normalizer` contains `Lowercase`
-The training-only knob `min_frequency` is kept for the record under `model.dalle_proto` (the
-`tokenizers` loader ignores unknown keys inside `model`; a missing record falls back to the default).
+The training-only knobs `min_frequency` and the requested vocabulary size are kept for the record
+under `model.dalle_proto` (the `tokenizers` loader ignores unknown keys inside `model`; a missing
+record falls back to the default), so a later stage can tell whether a config value is the one the
+saved tokenizer was trained with.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle_proto.pretrained import atomic_write_bytes
+from dalle_proto.bpe_dropout import BpeMerges
+from dalle_proto.pretrained import BadSavedFileError, atomic_write_bytes, read_text_file
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE always holds the 256 byte symbols
 _RECORD_KEY = "dalle_proto"  # our record inside tokenizer.json's `model` object
+
+
+class TruncationWarning(UserWarning):
+    """A caption had more text tokens than text_len and lost its end."""
+
+
+class TruncationReportedOnce:
+    """For a data pipeline, which meets the same long captions at every step: `with report():` around
+    its encoding passes the first TruncationWarning on, saying that later ones are not reported, and
+    drops the later ones; other warnings pass through."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.reported = where, False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            yield
+        for w in caught:
+            if not issubclass(w.category, TruncationWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif not self.reported:
+                self.reported = True
+                warnings.warn(f"{w.message}; later truncations in {self.where} are not reported",
+                              TruncationWarning, stacklevel=3)
 
 
 @dataclass
@@ -68,13 +105,16 @@ class TextTokenizerConfig:
 class TextTokenizer:
     """Caption(s) -> LongTensor of text ids, (text_len,) or (B, text_len); and back."""
 
-    def __init__(self, tokenizer: Tokenizer, config: TextTokenizerConfig) -> None:
+    def __init__(self, tokenizer: Tokenizer, config: TextTokenizerConfig,
+                 requested_vocab_size: int | None = None) -> None:
         # Use `from_captions` or `from_pretrained`; this trusts that `config` describes `tokenizer`.
         self._tokenizer = tokenizer
         self.config = config
+        self.requested_vocab_size = requested_vocab_size  # what training asked for (None: unknown)
         self._pad_ids = list(range(config.vocab_size, config.vocab_size + config.text_len))
         self.training = False
-        self._tokenizer.model.dropout = None  # eval mode until train() is called
+        self._tokenizer.model.dropout = None  # the library never drops merges: BpeMerges does, seeded
+        self._merges: BpeMerges | None = None  # built on the first encode with dropout
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -95,9 +135,6 @@ class TextTokenizer:
     def train(self, mode: bool = True) -> "TextTokenizer":
         """Training mode: BPE dropout on (if config.bpe_dropout > 0). Returns self, like nn.Module."""
         self.training = bool(mode)
-        p = self.config.bpe_dropout
-        # tokenizers wants None (not 0.0) for "no dropout"; None also re-enables its word cache.
-        self._tokenizer.model.dropout = p if (self.training and p > 0) else None
         return self
 
     def eval(self) -> "TextTokenizer":
@@ -109,35 +146,52 @@ class TextTokenizer:
         """The text the BPE actually sees (and what `decode` gives back)."""
         return self._tokenizer.normalizer.normalize_str(_check_caption(caption, 0))
 
-    def encode_ids(self, caption: str) -> list[int]:
-        """BPE ids of one caption, truncated to text_len, without pads."""
-        return self._encode_all([_check_caption(caption, 0)])[0]
+    def encode_ids(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
+        """BPE ids of one caption, truncated to text_len, without pads (`rng`: as in `encode`)."""
+        return self._encode_all([_check_caption(caption, 0)], _rngs(rng, 1))[0]
 
-    def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
-        """A caption -> (text_len,) LongTensor; a list of B captions -> (B, text_len)."""
+    def encode(self, captions: str | Sequence[str],
+               rng: np.random.Generator | Sequence[np.random.Generator] | None = None) -> torch.Tensor:
+        """A caption -> (text_len,) LongTensor; a list of B captions -> (B, text_len).
+
+        rng: where BPE dropout draws (training mode with bpe_dropout > 0 only; ignored otherwise): one
+        generator shared by all captions in order, or one per caption (what a training run passes, so
+        that a caption's ids do not depend on the rest of its batch). None draws from a fresh unseeded
+        generator, so successive calls differ and are not reproducible."""
         if isinstance(captions, str):
-            return self._pad(self.encode_ids(captions))  # (T,)
+            return self._pad(self.encode_ids(captions, rng))  # (T,)
         captions = [_check_caption(c, i) for i, c in enumerate(captions)]
-        rows = [ids + self._pad_ids[len(ids):] for ids in self._encode_all(captions)]
+        rows = [ids + self._pad_ids[len(ids):] for ids in self._encode_all(captions, _rngs(rng, len(captions)))]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.text_len)  # (B, T)
 
-    def _encode_all(self, captions: list[str]) -> list[list[int]]:
+    def _encode_all(self, captions: list[str], rngs: list[np.random.Generator]) -> list[list[int]]:
         """BPE ids per caption, truncated to text_len. BPE dropout splits words into more ids; where
         that pushes a caption past text_len, its deterministic ids are used instead: cutting words
         off the end would teach the model that the end of a caption (a position, the second object)
         does not matter."""
         encodings = self._tokenizer.encode_batch(captions) if captions else []
-        dropout = self._tokenizer.model.dropout
-        cut = [i for i, enc in enumerate(encodings) if enc.overflowing] if dropout is not None else []
         ids = [enc.ids for enc in encodings]
-        if cut:
-            self._tokenizer.model.dropout = None
-            try:
-                for i, enc in zip(cut, self._tokenizer.encode_batch([captions[i] for i in cut])):
-                    ids[i] = enc.ids
-            finally:
-                self._tokenizer.model.dropout = dropout
+        self._warn_truncated(captions, encodings)
+        p = self.config.bpe_dropout
+        if self.training and p > 0:
+            if self._merges is None:
+                self._merges = BpeMerges.from_tokenizer_json(json.loads(self._tokenizer.to_str()))
+            for i, caption in enumerate(captions):
+                pieces = self._tokenizer.pre_tokenizer.pre_tokenize_str(self._tokenizer.normalizer.normalize_str(caption))
+                dropped = self._merges.encode([piece for piece, _ in pieces], p, rngs[i])
+                if len(dropped) <= self.text_len:
+                    ids[i] = dropped
         return ids
+
+    def _warn_truncated(self, captions: list[str], encodings: list) -> None:
+        long = [(i, len(e.ids) + sum(len(o.ids) for o in e.overflowing))
+                for i, e in enumerate(encodings) if e.overflowing]
+        if long:
+            i, n = long[0]
+            more = f" ({len(long) - 1} more in this batch)" if len(long) > 1 else ""
+            warnings.warn(f"caption {i} {captions[i][:60]!r}{'...' if len(captions[i]) > 60 else ''} has {n} "
+                          f"text tokens, more than text_len={self.text_len}: truncated to the first "
+                          f"{self.text_len}{more}", TruncationWarning, stacklevel=4)
 
     def null_ids(self) -> torch.Tensor:
         """The empty caption: all per-position pads, (text_len,). The unconditional text for CFG."""
@@ -191,14 +245,17 @@ class TextTokenizer:
             raise ValueError("TextTokenizer.from_captions: got no captions to train on")
         tokenizer.enable_truncation(max_length=config.text_len)
         true_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        return cls(tokenizer, dataclasses.replace(config, vocab_size=true_size))
+        return cls(tokenizer, dataclasses.replace(config, vocab_size=true_size), requested_vocab_size=config.vocab_size)
 
     # ---- saving / loading --------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write `folder/tokenizer.json` atomically (see the module docstring for what it holds)."""
         data = json.loads(self._tokenizer.to_str())
         data["model"]["dropout"] = self.config.bpe_dropout or None  # recorded whatever the mode
-        data["model"][_RECORD_KEY] = {"min_frequency": self.config.min_frequency}
+        record = {"min_frequency": self.config.min_frequency}
+        if self.requested_vocab_size is not None:
+            record["requested_vocab_size"] = self.requested_vocab_size
+        data["model"][_RECORD_KEY] = record
         path = Path(folder) / TOKENIZER_FILE
         atomic_write_bytes(path, (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
         return path
@@ -210,13 +267,18 @@ class TextTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no text tokenizer here; expected the {TOKENIZER_FILE} "
                                     f"written by TextTokenizer.save_pretrained / train_text_tokenizer")
-        text = path.read_text(encoding="utf-8")
+        expected = f"the {TOKENIZER_FILE} written by TextTokenizer.save_pretrained"
+        text = read_text_file(path, expected)
         try:
             data = json.loads(text)
             tokenizer = Tokenizer.from_str(text)
         except Exception as e:  # json.JSONDecodeError or the tokenizers parser's error
-            raise ValueError(f"{path}: not a valid tokenizers JSON file: {e}") from e
-        return cls(tokenizer, _config_from_json(data, tokenizer, str(path)))
+            raise BadSavedFileError(path, f"not a valid tokenizers JSON file ({e}); expected {expected}") from e
+        if not isinstance(data.get("model"), dict):
+            raise BadSavedFileError(path, f"has no BPE `model` object; expected {expected}")
+        requested = ((data.get("model") or {}).get(_RECORD_KEY) or {}).get("requested_vocab_size")
+        return cls(tokenizer, _config_from_json(data, tokenizer, str(path)),
+                   requested_vocab_size=requested if isinstance(requested, int) else None)
 
     def __repr__(self) -> str:
         return (f"TextTokenizer(vocab_size={self.vocab_size}, text_len={self.text_len}, "
@@ -238,6 +300,17 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
         steps.append(normalizers.Lowercase())
     steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
     return normalizers.Sequence(steps)
+
+
+def _rngs(rng: np.random.Generator | Sequence[np.random.Generator] | None, n: int) -> list[np.random.Generator]:
+    """One generator per caption: a shared one repeated, the caller's list checked, or a fresh one."""
+    if rng is None or isinstance(rng, np.random.Generator):
+        return [rng if rng is not None else np.random.default_rng()] * n
+    rngs = list(rng)
+    if len(rngs) != n or not all(isinstance(r, np.random.Generator) for r in rngs):
+        raise ValueError(f"rng: expected a numpy Generator or a list of {n} (one per caption), got "
+                         f"{len(rngs)} item(s) of type(s) {sorted({type(r).__name__ for r in rngs})}")
+    return rngs
 
 
 def _check_caption(caption: Any, index: int) -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dalle_proto.attention_masks import (ATTENTION_MODES, additive_mask, block_layout, cache_slot_mask,
                                          cache_window, layer_attention_kinds, sequence_mask)
-from dalle_proto.pretrained import load_component, load_state_dict_strict, save_component
+from dalle_proto.pretrained import WEIGHTS_NAME, load_component, load_state_dict_strict, save_component
 from dalle_proto.sparse_attention import block_sparse_attention
 
 
@@ -376,8 +376,8 @@ class DalleTransformer(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike) -> "DalleTransformer":
         config, state = load_component(folder, TransformerConfig)
         model = cls(config)
-        if config.tie_embeddings:
-            state = {**state, "text_head.weight": state["text_embedding.weight"],
-                     "image_head.weight": state["image_embedding.weight"]}
-        load_state_dict_strict(model, state, source=str(folder))
+        if config.tie_embeddings:  # the heads are the tables; one missing from the file fails the strict load
+            ties = {"text_head.weight": "text_embedding.weight", "image_head.weight": "image_embedding.weight"}
+            state = {**state, **{head: state[table] for head, table in ties.items() if table in state}}
+        load_state_dict_strict(model, state, source=os.path.join(str(folder), WEIGHTS_NAME))
         return model

@@ -9,9 +9,9 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
 - caption dropout: per sample, a coin from a generator seeded by (seed, step, slot); a dropped
   caption becomes the null text (all per-position pads), the unconditional input that
   classifier-free guidance needs at sampling time.
-- BPE dropout: `TextTokenizer` in train mode (HF `tokenizers`). Its dropout draws from the library's
-  own thread RNG, which cannot be seeded, so with bpe_dropout > 0 the text ids (and therefore the
-  run) are not bit-reproducible; with bpe_dropout = 0 (and for validation, always eval mode) they are.
+- BPE dropout: `TextTokenizer` in train mode, drawing from a generator seeded by (seed, step, slot)
+  per sample (`bpe_dropout.py`), so a caption's pieces, like its caption-dropout coin, depend only on
+  where it sits in the run. Validation always encodes in eval mode, without dropout.
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dalle_proto.text_tokenizer import TruncationReportedOnce
+
 # separate random streams per purpose, so adding one never shifts another
-_ORDER, _CAPTION_DROPOUT, _DROPOUT = 0, 1, 2
+_ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT = 0, 1, 2, 3
 
 
 def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
@@ -83,12 +85,17 @@ class StepBatchSampler:
 
 class FixedBatchSampler:
     """Validation: consecutive batches of `indices` in order; rank r takes batches r, r + W, ...,
-    at most `max_batches` of them."""
+    at most `max_batches` of them. Every rank gets the same number of batches, as DDP needs (a rank
+    with none stops Lightning): where the batches do not divide evenly, the last ranks wrap around to
+    the first batches, as torch's DistributedSampler pads by repeating samples."""
 
     def __init__(self, indices: Sequence[int], batch_size: int, max_batches: int, rank: int = 0,
                  world_size: int = 1):
-        starts = range(rank * batch_size, len(indices), world_size * batch_size)[:max_batches]
-        self.batches = [list(indices[i:i + batch_size]) for i in starts]
+        indices = list(indices)
+        n_batches = -(-len(indices) // batch_size)
+        per_rank = min(max_batches, -(-n_batches // world_size))
+        starts = [((j * world_size + rank) % n_batches) * batch_size for j in range(per_rank)]
+        self.batches = [indices[i:i + batch_size] for i in starts]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -127,11 +134,14 @@ class CaptionCollate:
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed = caption_dropout, seed
         self.null_ids = torch.arange(text_tokenizer.vocab_size, text_tokenizer.total_vocab_size)  # (T,)
+        self.report_truncation = TruncationReportedOnce(f"this run's {'training' if train else 'validation'} batches")
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
         # the mode is set on every call: train and validation batches may share one tokenizer object
-        text_ids = self.text_tokenizer.train(self.train).encode(list(captions))  # (B, T)
+        rngs = [step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
+        with self.report_truncation():
+            text_ids = self.text_tokenizer.train(self.train).encode(list(captions), rng=rngs)  # (B, T)
         if self.train and self.caption_dropout > 0:
             drop = torch.tensor([self.drops_caption(step, slot) for step, slot in zip(steps, slots)])
             text_ids[drop] = self.null_ids

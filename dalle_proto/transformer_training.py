@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint
+from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint, load_training_checkpoint
 from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.pretrained import load_state_dict_strict
 from dalle_proto.training_callbacks import SampleGrid, StepCheckpoint
@@ -319,6 +319,9 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     resume = last_checkpoint(checkpoint_dir)
     if resume is not None:
         rank_zero_info(f"resuming from {resume}")
+        # FSDP reads a full checkpoint with Lightning's own unpickler, not through AtomicCheckpointIO:
+        # check first that the file is weights-only (tensors and containers, nothing to run)
+        load_training_checkpoint(resume, mmap=True)
     if c.num_workers > 0:
         # tokenisation runs in the workers; a tokenizer used in threads before the fork would
         # otherwise make `tokenizers` warn and disable its parallelism itself
@@ -345,7 +348,7 @@ def _export(transformer_config: TransformerConfig, config: TransformerTrainConfi
     path = last_checkpoint(checkpoint_dir)
     if path is None:
         raise FileNotFoundError(f"{checkpoint_dir}: training ended without writing {checkpoint_dir / 'last.ckpt'}")
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+    state = load_training_checkpoint(path, mmap=True)["state_dict"]
     prefix = "ema_model.transformer." if config.ema_decay > 0 else "model.transformer."
     model = DalleTransformer(transformer_config)
     load_state_dict_strict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},

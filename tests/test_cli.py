@@ -8,6 +8,7 @@ from PIL import Image
 
 from dalle_proto.cli import build_parser, main
 from dalle_proto.clip import ClipEnsemble, ClipModel, load_clip
+from dalle_proto.stages import UnusedOverrideWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -35,6 +36,33 @@ def test_config_prints_resolved_values(capsys):
     main(["config", "--config", TINY, "transformer.depth=3"])
     out = capsys.readouterr().out
     assert "depth: 3" in out and "size: tiny" in out
+
+
+def test_an_override_takes_effect_or_fails(tmp_path):
+    out = tmp_path / "run"
+    with pytest.warns(UnusedOverrideWarning, match=r"override 'transformer.depth=3' is not used by "
+                                                   r"train-text-tokenizer .* it takes effect in: train$"):
+        main(["train-text-tokenizer", "--config", TINY, f"out_dir={out}", "transformer.depth=3"])
+    tokenizer_file = out / "text_tokenizer" / "tokenizer.json"
+    # the saved tokenizer fixes bpe_dropout for the transformer stage: a different value is an error ...
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", TINY, f"out_dir={out}", "text_tokenizer.bpe_dropout=0"])
+    message = str(e.value)
+    assert message.startswith("dalle-proto: error: override 'text_tokenizer.bpe_dropout=0' has no effect on "
+                              f"train: bpe_dropout=0.1 is in force, from {tokenizer_file}") and "\n" not in message
+    assert not (out / "transformer_training").exists()  # refused before any work
+    with pytest.raises(SystemExit, match=r"vocab_size=300 is in force"):  # the requested size, not the true one
+        main(["train-clip", "--config", TINY, f"out_dir={out}", "text_tokenizer.vocab_size=500"])
+    with pytest.raises(SystemExit, match=r"text_len=16 is in force, from .*tokenizer.json"):
+        main(["train", "--config", TINY, f"out_dir={out}", "transformer.text_len=32"])
+    # ... and the value in force, or the stage retrained with the new one, is fine
+    main(["train-text-tokenizer", "--config", TINY, f"out_dir={out}", "text_tokenizer.bpe_dropout=0"])
+    assert json.loads(tokenizer_file.read_text())["model"]["dropout"] is None
+    from dalle_proto.run_config import load_run_config
+    from dalle_proto.stages import check_overrides
+
+    overrides = ["text_tokenizer.bpe_dropout=0", "text_tokenizer.vocab_size=300", "training.steps=2"]
+    check_overrides("train", load_run_config([TINY], [f"out_dir={out}", *overrides]), overrides)
 
 
 def test_data_shapes_writes_triplets(tmp_path):

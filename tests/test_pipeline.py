@@ -16,6 +16,7 @@ from PIL import Image
 from dalle_proto.cli import DEFAULT_MODEL, main
 from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from dalle_proto.pipeline import DallePipeline, PipelineConfig
+from dalle_proto.sampling import generate_image_tokens
 from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
 from dalle_proto.transformer import DalleTransformer, TransformerConfig
 
@@ -48,15 +49,30 @@ def pipe_folder(pipe, tmp_path_factory):
     return pipe.save_pretrained(tmp_path_factory.mktemp("pipeline") / "tiny")
 
 
+def pixel_difference(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference between two uint8 pixel arrays, in 0..255 steps."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
 def test_images_per_prompt_in_prompt_order(pipe):
-    images = pipe(["a red circle", "two blue squares"], num_images=3, temperature=0)
+    prompts = ["a red circle", "two blue squares"]
+    images = pipe(prompts, num_images=3, temperature=0)
     assert len(images) == 6
     assert all(isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (32, 32) for im in images)
-    # greedy sampling depends only on the prompt: each prompt's images are its own single image
+    # greedy sampling depends only on the prompt: its tokens are the same whatever else is in the batch
+    text = pipe.text_tokenizer.encode(prompts)  # (2, T)
+    greedy = dict(temperature=0, cfg_scale=pipe.config.cfg_scale)
+    in_batch = generate_image_tokens(pipe.transformer, text.repeat_interleave(3, dim=0), **greedy)  # (6, h, w)
+    alone = [generate_image_tokens(pipe.transformer, text[i:i + 1], **greedy) for i in range(2)]  # 2 x (1, h, w)
+    assert torch.equal(in_batch, torch.cat([alone[0]] * 3 + [alone[1]] * 3))
+    assert not torch.equal(alone[0], alone[1])
+    # ... and so are its pixels, up to rounding: the decoder's CPU conv kernels change with the batch
+    # shape (6 images vs 1), which moved 3 of 18,432 values by 1 on an AMX Xeon. 2/255 allows that;
+    # the two prompts' images differ by far more, so a swapped order or a wrong image still fails.
     first = pipe("a red circle", num_images=1, temperature=0)
     second = pipe(["two blue squares"], num_images=1, temperature=0)
-    np.testing.assert_array_equal(pixels(images), pixels(first * 3 + second * 3))
-    assert not np.array_equal(pixels(first), pixels(second))
+    assert pixel_difference(pixels(images), pixels(first * 3 + second * 3)) <= 2
+    assert pixel_difference(pixels(first), pixels(second)) > 20
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(pipe):
@@ -198,8 +214,6 @@ def test_cli_export_writes_a_bf16_folder_that_samples_like_the_bf16_loaded_origi
     assert not (out / "checkpoints").exists() and (out / "pipeline.json").is_file()
     # the transformer samples in bf16 by default either way, so the exported copy draws the same tokens
     original, shipped = DallePipeline.from_pretrained(pipe_folder), DallePipeline.from_pretrained(out)
-    from dalle_proto.sampling import generate_image_tokens
-
     text = original.text_tokenizer.encode(["a red circle", "two blue squares"])
     assert torch.equal(generate_image_tokens(original.transformer, text, seed=5),
                        generate_image_tokens(shipped.transformer, text, seed=5))

@@ -1,4 +1,4 @@
-"""KV-cache sampling: exact agreement with full forwards, guidance, determinism, filters, rerank."""
+"""KV-cache sampling: agreement with full forwards, guidance, determinism, filters, rerank."""
 import pytest
 import torch
 
@@ -20,6 +20,23 @@ def make_model(attention="sparse", seed=0, **overrides) -> DalleTransformer:
     return model
 
 
+# The KV cache runs other matmul shapes than a full forward (one query row per step against T + N
+# rows at once, baddbmm against SDPA), and a batch of 1 others than a batch of 4, so CPU kernels
+# round differently (by batch shape, thread count, ISA): logits agree to rounding, not bit for bit.
+# Measured: at most 5e-6 (guided, AMD EPYC, 1 and 2 threads); a wrong mask, a stale cache slot or
+# an off-by-one position moves them by 0.3 or more. 1e-4 sits between the two.
+LOGITS_ATOL = 1e-4
+# No two best logits closer than this: rounding (< LOGITS_ATOL) cannot flip an argmax, so greedy
+# tokens are compared exactly across shapes. The fixtures' smallest gap is 0.02.
+ARGMAX_GAP = 1e-3
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    """The smallest gap between the best and second-best logit over all positions."""
+    best = logits.topk(2, dim=-1).values  # (..., 2)
+    return float((best[..., 0] - best[..., 1]).min())
+
+
 def text_batch(model, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.text_vocab_size, (batch, model.config.text_len), generator=g)
@@ -33,7 +50,7 @@ def test_kv_cache_logits_equal_full_forward(attention):
     assert tokens.shape == (2, 4, 4)
     with torch.no_grad():
         _, full = model(text, tokens.flatten(1))  # (B, N, Vi)
-    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, full, atol=LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("attention", ["sparse", "full"])
@@ -45,7 +62,7 @@ def test_kv_cache_guided_logits_equal_two_full_forwards(attention):
     with torch.no_grad():
         _, cond = model(text, tokens.flatten(1))
         _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
-    torch.testing.assert_close(logits, uncond + scale * (cond - uncond), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, uncond + scale * (cond - uncond), atol=LOGITS_ATOL, rtol=0)
     assert not torch.allclose(cond, uncond, atol=1e-3)  # guidance is not a no-op here
 
 
@@ -67,6 +84,7 @@ def test_top_k_1_is_greedy_argmax_of_the_full_forward():
     tokens = generate_image_tokens(model, text, top_k=1, seed=0)
     with torch.no_grad():
         _, full = model(text, tokens.flatten(1))
+    assert top2_gap(full) > ARGMAX_GAP
     assert torch.equal(full.argmax(-1), tokens.flatten(1))
     assert torch.equal(generate_image_tokens(model, text, temperature=0.0), tokens)
 
@@ -77,10 +95,14 @@ def test_sampled_tokens_stay_in_image_vocab_and_batches_are_independent():
     tokens = generate_image_tokens(model, text, seed=5, num_images_per_text=3)
     assert tokens.shape == (12, 4, 4) and tokens.dtype == torch.long
     assert tokens.min() >= 0 and tokens.max() < model.config.image_vocab_size
-    # greedy decoding of one caption alone equals its rows within a batch
-    greedy_batch = generate_image_tokens(model, text, temperature=0.0)
-    greedy_one = generate_image_tokens(model, text[2:3], temperature=0.0)
+    # greedy decoding of one caption alone equals its row within a batch: the same tokens, and logits
+    # equal to rounding (a batch of 1 and a batch of 4 are different matmul shapes)
+    greedy_batch, batch_logits = generate_image_tokens_with_logits(model, text, temperature=0.0)
+    greedy_one, one_logits = generate_image_tokens_with_logits(model, text[2:3], temperature=0.0)
+    torch.testing.assert_close(batch_logits[2:3], one_logits, atol=LOGITS_ATOL, rtol=0)
+    assert top2_gap(batch_logits) > ARGMAX_GAP
     assert torch.equal(greedy_batch[2:3], greedy_one)
+    assert not torch.equal(greedy_batch[1:2], greedy_one)  # the rows differ: taking the wrong row would fail
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
+
+from dalle_proto.bpe_dropout import BpeMerges
 
 from dalle_proto.text_tokenizer import (
     TOKENIZER_FILE,
@@ -64,7 +68,8 @@ def test_requested_vocab_larger_than_data_gives_true_size(tok):
 def test_small_requested_vocab_is_respected():
     small = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(vocab_size=270, text_len=8))
     assert small.vocab_size == 270
-    assert int(small.encode(CAPTIONS).max()) < small.total_vocab_size == 278
+    with pytest.warns(UserWarning, match="truncated"):  # 8 ids of a byte-level vocabulary hold little
+        assert int(small.encode(CAPTIONS).max()) < small.total_vocab_size == 278
 
 
 def test_batch_shape_and_dtype(tok):
@@ -109,10 +114,14 @@ def test_truncation(tok):
     wide = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(text_len=200))
     full = wide.encode_ids(long_caption)
     assert len(full) > TEXT_LEN
-    ids = tok.encode(long_caption)
+    with pytest.warns(UserWarning, match=rf"caption 0 .* has {len(full)} text tokens, more than "
+                                         rf"text_len={TEXT_LEN}: truncated to the first {TEXT_LEN}$"):
+        ids = tok.encode(long_caption)
     assert ids.tolist() == full[:TEXT_LEN]  # same vocab (same data): the first text_len ids, no pads
-    assert len(tok.encode_ids(long_caption)) == TEXT_LEN
-    assert tok.encode([long_caption, "a red circle"]).shape == (2, TEXT_LEN)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert len(tok.encode_ids(long_caption)) == TEXT_LEN
+    with pytest.warns(UserWarning, match=r"caption 1 .* \(1 more in this batch\)"):
+        assert tok.encode(["a red circle", long_caption, long_caption]).shape == (3, TEXT_LEN)
 
 
 def test_decode_inverts_encode(tok):
@@ -165,6 +174,41 @@ def test_bpe_dropout_never_cuts_off_a_caption_that_fits_without_it():
     assert [tight.encode_ids(caption) for _ in range(5)] == [deterministic] * 5
     short = "a red circle"  # short captions keep their dropout variety
     assert len({tuple(row) for row in tight.encode([short] * 50).tolist()}) > 1
+
+
+def test_bpe_dropout_is_a_function_of_its_generator():
+    tok = TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(text_len=TEXT_LEN, bpe_dropout=0.3)).train()
+    captions = CAPTIONS[:40]
+    first = tok.encode(captions, rng=np.random.default_rng(7))
+    assert torch.equal(tok.encode(captions, rng=np.random.default_rng(7)), first)  # same seed, same ids
+    assert not torch.equal(tok.encode(captions, rng=np.random.default_rng(8)), first)
+    assert tok.decode(first) == [tok.normalize(c) for c in captions]  # dropout only splits words
+    # one generator per caption: a caption's ids do not depend on the rest of its batch
+    per_caption = tok.encode(captions, rng=[np.random.default_rng([3, i]) for i in range(40)])
+    alone = tok.encode(captions[5], rng=np.random.default_rng([3, 5]))
+    assert torch.equal(per_caption[5], alone)
+    with pytest.raises(ValueError, match="a list of 40 \\(one per caption\\), got 2 item"):
+        tok.encode(captions, rng=[np.random.default_rng(0)] * 2)
+    # more dropout, more (shorter) pieces; eval mode ignores the generator
+    lengths = {p: sum(len(TextTokenizer(tok._tokenizer, TextTokenizerConfig(
+        vocab_size=tok.vocab_size, text_len=64, bpe_dropout=p)).train().encode_ids(c, np.random.default_rng(0)))
+        for c in captions) for p in (0.0, 0.1, 0.5)}
+    assert lengths[0.0] < lengths[0.1] < lengths[0.5]
+    assert torch.equal(tok.eval().encode(captions, rng=np.random.default_rng(7)), tok.encode(captions))
+
+
+def test_dropout_merges_equal_the_library_without_dropout(tok):
+    """BpeMerges applies the library's own merges: with p = 0 it gives the library's ids."""
+    merges = BpeMerges.from_tokenizer_json(json.loads(tok._tokenizer.to_str()))
+    extra = ["Zébra ünïcode 😀 #42", "aaaa aaaaaaa", "the the the", "  a,red;circle!!  "]
+    for caption in CAPTIONS + extra:
+        text = tok._tokenizer.normalizer.normalize_str(caption)
+        pieces = [piece for piece, _ in tok._tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+        assert merges.encode(pieces, 0.0, np.random.default_rng(0)) [:TEXT_LEN] == tok._tokenizer.encode(caption).ids, caption
+    with pytest.raises(ValueError, match="ignore_merges"):
+        data = json.loads(tok._tokenizer.to_str())
+        data["model"]["ignore_merges"] = True
+        BpeMerges.from_tokenizer_json(data)
 
 
 def test_zero_dropout_is_deterministic_in_training_mode():

@@ -44,7 +44,10 @@ def test_round_trip_matches_fp32_encode(tmp_path):
     folder = encode_to_cache(tokenizer, dataset, tmp_path / "cache", batch_size=4, bf16=False, progress=False)
     cache = TokenCache(folder, image_tokenizer=tokenizer)
     images = torch.stack([pil_to_tensor(dataset[i][0]) for i in range(10)])  # (10, 3, 16, 16)
-    expected = tokenizer.encode(images)  # (10, 8, 8)
+    # in the cache's batches of 4, 4, 2: CPU conv kernels round differently for other batch shapes, and
+    # this random tokenizer has latents within 3e-5 (cosine) of two codes, so one batch of 10 could
+    # pick the other code on another machine
+    expected = torch.cat([tokenizer.encode(batch) for batch in images.split(4)])  # (10, 8, 8)
     assert len(cache) == 10 and cache.grid_size == 8 and cache.codebook_size == 32
     assert isinstance(cache.tokens, np.memmap) and cache.tokens.dtype == np.uint16
     assert cache.tokens.shape == (10, 8, 8)

@@ -17,7 +17,7 @@ from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
 from dalle_proto.token_cache import TokenCache, encode_to_cache
 from dalle_proto.transformer import DalleTransformer, TransformerConfig
-from dalle_proto.transformer_data import CaptionCollate, StepBatchSampler
+from dalle_proto.transformer_data import CaptionCollate, FixedBatchSampler, StepBatchSampler
 from dalle_proto.transformer_training import (TransformerTrainConfig, lr_at, optimizer_param_groups,
                                               train_transformer)
 
@@ -35,8 +35,11 @@ def world(tmp_path_factory):
     text_tokenizer = TextTokenizer.from_captions(captions, TextTokenizerConfig(vocab_size=320, text_len=16,
                                                                                bpe_dropout=0.0))
     config = TransformerConfig.from_size("tiny", text_vocab_size=text_tokenizer.vocab_size, dropout=0.1)
+    # the same vocabulary and merges with the paper's BPE dropout on (0.1)
+    bpe_tokenizer = TextTokenizer(text_tokenizer._tokenizer, TextTokenizerConfig(
+        vocab_size=text_tokenizer.vocab_size, text_len=16, bpe_dropout=0.1))
     return dict(cache=cache, image_tokenizer=image_tokenizer, text_tokenizer=text_tokenizer, config=config,
-                captions=captions)
+                captions=captions, bpe_tokenizer=bpe_tokenizer)
 
 
 def fast_config(**overrides) -> TransformerTrainConfig:
@@ -118,7 +121,42 @@ def test_caption_dropout_rate_and_bpe_dropout_only_in_training(world):
     captions = [(0, i, torch.zeros(8, 8, dtype=torch.long), c) for i, c in enumerate(world["captions"])]
     reference = bpe.eval().encode(world["captions"])
     assert torch.equal(CaptionCollate(bpe, train=False, caption_dropout=0.0, seed=0)(captions)["text_ids"], reference)
-    assert not torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(captions)["text_ids"], reference)
+    dropped = CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(captions)["text_ids"]
+    assert not torch.equal(dropped, reference)
+    # BPE dropout too is a function of (seed, step, slot): the same again, another seed or step differs,
+    # and a sample's ids do not depend on the rest of its batch
+    assert torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(captions)["text_ids"], dropped)
+    assert not torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=1)(captions)["text_ids"], dropped)
+    later = [(1, slot, image, caption) for _, slot, image, caption in captions]
+    assert not torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(later)["text_ids"], dropped)
+    assert torch.equal(CaptionCollate(bpe, train=True, caption_dropout=0.0, seed=0)(captions[7:9])["text_ids"],
+                       dropped[7:9])
+
+
+def test_validation_batches_are_split_evenly_over_ranks():
+    one = list(FixedBatchSampler(range(10), batch_size=4, max_batches=5))
+    assert [[key[2] for key in batch] for batch in one] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(FixedBatchSampler(range(10), batch_size=4, max_batches=2)) == 2
+    # 3 batches over 4 ranks: rank 3 would have none (and stop DDP); it repeats batch 0 instead
+    ranks = [[[key[2] for key in batch] for batch in FixedBatchSampler(range(10), 4, 5, rank=r, world_size=4)]
+             for r in range(4)]
+    assert ranks == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9]], [[0, 1, 2, 3]]]
+    two = [[[key[2] for key in batch] for batch in FixedBatchSampler(range(10), 4, 5, rank=r, world_size=2)]
+           for r in range(2)]
+    assert two == [[[0, 1, 2, 3], [8, 9]], [[4, 5, 6, 7], [0, 1, 2, 3]]]
+
+
+def test_truncated_captions_are_reported_once_per_loader(world, recwarn):
+    tok = world["text_tokenizer"]
+    long = " and ".join(world["captions"][:4])
+    collate = CaptionCollate(tok, train=True, caption_dropout=0.0, seed=0)
+    for step in range(3):  # every step truncates the same long caption
+        collate([(step, 0, torch.zeros(8, 8, dtype=torch.long), long)])
+    messages = [str(w.message) for w in recwarn.list]
+    assert len(messages) == 1 and messages[0].endswith(
+        "truncated to the first 16; later truncations in this run's training batches are not reported")
+    with pytest.warns(UserWarning, match="truncated to the first 16$"):
+        tok.eval().encode(long)  # a prompt at sampling time always says so
 
 
 def test_image_grid_layout_and_errors():
@@ -202,12 +240,16 @@ class Crash(pl.Callback):
 @pytest.mark.parametrize("checkpoint_every, val_every", [(3, 2), (3, 3)])
 def test_resume_after_crash_equals_uninterrupted_run(world, tmp_path, checkpoint_every, val_every):
     """(3, 2): last.ckpt from the end of step 3, no validation there; (3, 3): saved after step 3's
-    validation, whose plateau decision must survive. Model dropout and caption dropout are on; BPE
-    dropout is off (its RNG cannot be seeded: see transformer_data.py)."""
+    validation, whose plateau decision must survive. Model dropout, caption dropout and the paper's
+    BPE dropout (0.1) are on: the same run twice is identical, and so is a resumed one."""
     config = fast_config(steps=6, checkpoint_every=checkpoint_every, val_every=val_every, lr_schedule="plateau",
                          plateau_patience=1, plateau_threshold=0.5, caption_dropout=0.3)
-    args = (world["config"], config, world["text_tokenizer"], world["cache"], None)
+    args = (world["config"], config, world["bpe_tokenizer"], world["cache"], None)
     straight = train_transformer(*args, tmp_path / "straight")
+    if val_every == 2:  # once is enough: the same command twice, from scratch
+        train_transformer(*args, tmp_path / "twice")
+        first, second = checkpoint(tmp_path / "straight")["state_dict"], checkpoint(tmp_path / "twice")["state_dict"]
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(Crashed):
         train_transformer(*args, tmp_path / "resumed", callbacks=[Crash(at_step=5)])
     assert checkpoint(tmp_path / "resumed")["global_step"] == 3
