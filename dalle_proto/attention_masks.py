@@ -1,8 +1,9 @@
 """The DALL·E attention masks, as pure functions of the geometry (no model state).
 
 One sequence holds `text_len` text tokens, then `grid * grid` image tokens in raster order. Every
-layer shares the same rules for text: text -> text is causal, every image token sees all text, text
-never sees image. Layers differ only in which earlier *image* tokens an image token sees:
+layer shares the same rules for text: text -> text is causal (or, with `bidirectional_text`, every
+text token sees the whole caption: a prefix LM), every image token sees all text, text never sees
+image. Layers differ only in which earlier *image* tokens an image token sees:
 
 - "row":    the previous grid + 1 image tokens in raster order, itself included (paper, fig. 11b).
 - "column": the same rule on the transposed grid (column-major order): the previous grid + 1 tokens
@@ -76,14 +77,21 @@ def image_mask(kind: str, grid: int, conv_kernel: int = 11) -> torch.Tensor:
     return causal & ((row_q - row_k).abs() <= r) & ((col_q - col_k).abs() <= r)
 
 
-def sequence_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11) -> torch.Tensor:
+def text_mask(text_len: int, bidirectional_text: bool = False) -> torch.Tensor:
+    """(T, T) bool: which text tokens a text token sees (causal, or all of them)."""
+    mask = torch.ones(text_len, text_len, dtype=torch.bool, device="cpu")
+    return mask if bidirectional_text else mask.tril()
+
+
+def sequence_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11,
+                  bidirectional_text: bool = False) -> torch.Tensor:
     """(T + N, T + N) bool over the whole text + image sequence for one layer kind."""
     if text_len < 1:
         raise ValueError(f"text_len must be >= 1, got {text_len}")
     n = grid * grid
     total = text_len + n
     mask = torch.zeros(total, total, dtype=torch.bool, device="cpu")
-    mask[:text_len, :text_len] = torch.ones(text_len, text_len, dtype=torch.bool, device="cpu").tril()
+    mask[:text_len, :text_len] = text_mask(text_len, bidirectional_text)
     mask[text_len:, :text_len] = True
     mask[text_len:, text_len:] = image_mask(kind, grid, conv_kernel)
     return mask
@@ -165,13 +173,14 @@ def cache_window(kind: str, grid: int, conv_kernel: int = 11) -> int:
     return min(grid * grid, image_lookback(kind, grid, conv_kernel) + 1)
 
 
-def cache_slot_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11) -> torch.Tensor:
+def cache_slot_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11,
+                    bidirectional_text: bool = False) -> torch.Tensor:
     """(T + N, T + W) bool, W = cache_window(...): which cache slots the query at each sequence
     position may attend to, once that query's own K/V has been written. Slots 0..T-1 hold the text;
     slot T + s holds the latest image index j <= i with j % W == s. Equal to `sequence_mask` with
     its key columns mapped onto the ring (keys that fell out of the ring are never visible)."""
     window = cache_window(kind, grid, conv_kernel)
-    full = sequence_mask(kind, text_len, grid, conv_kernel)  # (T+N, T+N)
+    full = sequence_mask(kind, text_len, grid, conv_kernel, bidirectional_text)  # (T+N, T+N)
     n = grid * grid
     slots = torch.zeros(text_len + n, text_len + window, dtype=torch.bool, device="cpu")
     slots[:, :text_len] = full[:, :text_len]

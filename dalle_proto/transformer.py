@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_proto.attention_masks import (ATTENTION_MODES, additive_mask, block_layout, cache_slot_mask,
-                                         cache_window, layer_attention_kinds, sequence_mask)
+                                         cache_window, layer_attention_kinds, sequence_mask, text_mask)
 from dalle_proto.pretrained import WEIGHTS_NAME, load_component, load_state_dict_strict, save_component
 from dalle_proto.sparse_attention import block_sparse_attention
 
@@ -49,6 +49,10 @@ class TransformerConfig:
     # "row" / "column" / "conv": that mask in every layer
     conv_kernel: int = 11
     dropout: float = 0.0
+    # "causal" (the paper): text tokens see the caption up to themselves; "bidirectional": every
+    # text token sees the whole caption (a prefix LM, so a colour word can see the shape word after
+    # it); the text is then an input, not a target, so text_loss_weight must be 0
+    text_attention: str = "causal"
     text_loss_weight: float = 1 / 8
     image_loss_weight: float = 7 / 8
     tie_embeddings: bool = False  # output heads share the input embedding tables
@@ -62,6 +66,13 @@ class TransformerConfig:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"TransformerConfig.attention must be one of {ATTENTION_MODES}, "
                              f"got {self.attention!r}")
+        if self.text_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"TransformerConfig.text_attention must be 'causal' or 'bidirectional', "
+                             f"got {self.text_attention!r}")
+        if self.text_attention == "bidirectional" and self.text_loss_weight != 0:
+            raise ValueError(f"TransformerConfig.text_attention='bidirectional' lets each text token see the "
+                             f"next one, so it cannot be a target: set text_loss_weight=0 (got "
+                             f"{self.text_loss_weight})")
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"TransformerConfig.conv_kernel must be odd and >= 1, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
@@ -112,6 +123,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * inner)
         self.out = nn.Linear(inner, config.dim)
         self.dropout = config.dropout
+        self.causal = config.text_attention == "causal"
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, 3, H, dh)
         b, n, _ = x.shape
@@ -130,7 +142,7 @@ class SelfAttention(nn.Module):
             return self.out(block_sparse_attention(self._qkv(x), masks["text_bias"], masks[f"{self.kind}_image_bias"],
                                                    transposed=self.kind == "column", dropout_p=p))
         q, k, v = self._split(x)  # (B, H, T+N, dh)
-        if self.kind == "full":  # the sequence mask of "full" is exactly plain causal attention
+        if self.kind == "full" and self.causal:  # the sequence mask of "full" is then plain causal attention
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[self.kind], dropout_p=p)
@@ -211,11 +223,11 @@ class DalleTransformer(nn.Module):
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
-        causal_text = torch.ones(c.text_len, c.text_len, dtype=torch.bool, device="cpu").tril()
-        self.register_buffer("mask_text_bias", additive_mask(causal_text), persistent=False)
+        bidirectional = c.text_attention == "bidirectional"
+        self.register_buffer("mask_text_bias", additive_mask(text_mask(c.text_len, bidirectional)), persistent=False)
         for kind in sorted(set(self.kinds)):
-            self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid,
-                                                               c.conv_kernel), persistent=False)
+            self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid, c.conv_kernel,
+                                                               bidirectional), persistent=False)
             layout = block_layout(kind, c.text_len, c.image_grid, c.conv_kernel)
             if layout is not None:  # block-sparse fast path: each block's image window, (g, g, W)
                 self.register_buffer(f"mask_{kind}_image_bias", additive_mask(layout[2][:, :, c.text_len:]),
@@ -296,7 +308,10 @@ class DalleTransformer(nn.Module):
     def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Weighted text + image cross-entropy; each averaged over its own tokens (paper: 1/8, 7/8)."""
         text_logits, image_logits = self(text_ids, image_ids)
-        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text_ids[:, 1:].flatten())
+        if self.config.text_loss_weight > 0:
+            text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text_ids[:, 1:].flatten())
+        else:  # e.g. bidirectional text, where predicting the next text token would be copying it
+            text_loss = image_logits.new_zeros((), dtype=torch.float32)
         image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image_ids.flatten())
         c = self.config
         loss = c.text_loss_weight * text_loss + c.image_loss_weight * image_loss
@@ -361,7 +376,8 @@ class DalleTransformer(nn.Module):
         key = (kind, dtype, device)
         if key not in self._mask_biases:
             c = self.config
-            mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel).to(device)
+            mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel,
+                                   c.text_attention == "bidirectional").to(device)
             self._mask_biases[key] = additive_mask(mask, dtype)
         return self._mask_biases[key]
 

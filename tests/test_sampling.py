@@ -53,6 +53,22 @@ def test_kv_cache_logits_equal_full_forward(attention):
     torch.testing.assert_close(logits, full, atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["sparse", "full", "conv"])
+def test_kv_cache_logits_equal_full_forward_with_bidirectional_text(attention):
+    model = make_model(attention, text_attention="bidirectional", text_loss_weight=0.0)
+    text = text_batch(model)
+    for cfg_scale in (1.0, 3.0):
+        tokens, logits = generate_image_tokens_with_logits(model, text, seed=0, cfg_scale=cfg_scale)
+        with torch.no_grad():
+            _, full = model(text, tokens.flatten(1))  # (B, N, Vi)
+            _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
+        torch.testing.assert_close(logits, uncond + cfg_scale * (full - uncond), atol=LOGITS_ATOL, rtol=0)
+    causal = make_model(attention)
+    causal.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the same weights read the caption differently: the option is not a no-op
+        assert not torch.allclose(causal(text, tokens.flatten(1))[1], full, atol=1e-3)
+
+
 @pytest.mark.parametrize("attention", ["sparse", "full"])
 def test_kv_cache_guided_logits_equal_two_full_forwards(attention):
     model = make_model(attention)

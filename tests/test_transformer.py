@@ -66,8 +66,36 @@ def test_perturbing_a_later_token_never_changes_earlier_logits(attention):
         assert not torch.allclose(i3[:, j + 1], image_logits[:, j + 1])  # every mask sees itself
 
 
-def test_fast_block_sparse_path_equals_dense_masked_attention():
-    c = small_config(image_grid=5, depth=4)
+@pytest.mark.parametrize("attention", ["sparse", "full"])
+def test_bidirectional_text_sees_the_whole_caption_and_image_stays_causal(attention):
+    c = small_config(attention=attention, text_attention="bidirectional", text_loss_weight=0.0)
+    model = DalleTransformer(c).eval()
+    text, image = random_batch(c, batch=1)
+    text_logits, image_logits = model(text, image)
+    text2 = text.clone()
+    text2[0, 3] = (text2[0, 3] + 1) % c.text_total_vocab
+    t2, _ = model(text2, image)
+    assert not torch.allclose(t2[:, 0], text_logits[:, 0])  # text position 0 sees token 3 now
+    causal = DalleTransformer(small_config(attention=attention)).eval()
+    causal.load_state_dict(model.state_dict())
+    assert torch.equal(causal(text2, image)[0][:, :3], causal(text, image)[0][:, :3])  # the paper's: it does not
+    for j in (0, 5, 10):  # image tokens are still generated causally
+        image2 = image.clone()
+        image2[0, j] = (image2[0, j] + 1) % c.image_vocab_size
+        _, i3 = model(text, image2)
+        assert torch.equal(i3[:, : j + 1], image_logits[:, : j + 1])
+    loss, parts = model.loss(text, image)  # the text is an input only
+    assert parts["text_loss"].item() == 0.0 and torch.allclose(loss, c.image_loss_weight * parts["image_loss"])
+    with pytest.raises(ValueError, match="set text_loss_weight=0"):
+        small_config(text_attention="bidirectional")
+    with pytest.raises(ValueError, match="'causal' or 'bidirectional'"):
+        small_config(text_attention="prefix")
+
+
+@pytest.mark.parametrize("text_attention", ["causal", "bidirectional"])
+def test_fast_block_sparse_path_equals_dense_masked_attention(text_attention):
+    c = small_config(image_grid=5, depth=4, text_attention=text_attention,
+                     text_loss_weight=0.0 if text_attention == "bidirectional" else 1 / 8)
     model = DalleTransformer(c).eval()
     text, image = random_batch(c, batch=2)
     fast = model(text, image)
