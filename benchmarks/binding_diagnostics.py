@@ -1,0 +1,615 @@
+"""Why does a shapes model draw crisp shapes but not the caption's? Teacher-forced binding diagnostics.
+
+    python benchmarks/binding_diagnostics.py                                   # checkpoints/shapes, 200 per type
+    python benchmarks/binding_diagnostics.py --checkpoint runs/shapes --per-category 50
+
+No sampling: `--per-category` eval-split scenes (seed 1; scenes holding a held-out colour-shape
+pair skipped) of each type (single, pair, count) are rendered by the data set's own code, their
+images encoded by the pipeline's image tokenizer and their captions by its text tokenizer (eval
+mode), and the fp32 transformer is run teacher-forced on (caption, true image tokens).
+
+Token regions. Image token j is "in object k" when its 4x4 pixel cell overlaps k's ground-truth box
+(the box it overlaps most), else background: "bg_near" within one token of an object token,
+"bg_far" the rest. "ink": object tokens whose cell holds a non-white pixel; an object's "onset":
+its ink tokens in its first ink token row; its "start": its first ink token. Objects are numbered
+in caption order (pair: subject, reference) and ranked in raster order by their start token.
+Every figure is a mean over scenes of a per-scene mean over the tokens named (scenes without such
+tokens left out); `se` is the standard error over scenes.
+
+1. Attention on the caption, per layer: for each image query (the position whose output predicts
+   image token j, j >= 1; regions are those of token j), the softmax weight on all text keys, on
+   the real BPE positions and on the pads, head mean. The probabilities are recomputed here from
+   each layer's fused qkv projection, 1/sqrt(head_dim) scale and mask buffer (dense softmax) and
+   checked against the model: each layer's attention output against its own (block-sparse)
+   attention, and the final image logits, max abs difference, first batch of each type.
+2. Loss by position: image-token cross-entropy by region and per object (true and null caption).
+3. What the caption is worth: loss differences to the true caption on the same tokens with the
+   null text (all pads) and perturbed captions (single/count: a new colour, shape or number; pair:
+   the two objects' colours or shapes exchanged, or one object's colour / shape replaced by one
+   neither object has; a perturbation that would name a held-out pair is skipped for that scene).
+   A model that binds loses on both objects when their colours are exchanged; a bag of words
+   loses nothing there, and under a new colour loses on the object whose colour vanished.
+4. Word attention: per layer, the weight an object's ink (start) tokens put on each caption word;
+   for pairs the margins own word minus the other object's (head mean, and the best head), with
+   the true caption and with the two words exchanged (same head): a head that reads the caption
+   in order keeps its margins, one that looks up the word naming the colour already drawn flips
+   them. Also: the fraction of token codes the image tokenizer changes when every object gets
+   another colour (shape), boxes unchanged -- in the background too, far from the objects
+   (its encoder's GroupNorm statistics are global), so background tokens carry the scene's colours.
+5. Two-way choice at the first token where the scene's codes and those of an alternative
+   rendering differ (pair: the two objects' colours or shapes exchanged; all types: every object
+   recoloured / reshaped), where the teacher-forced context is still the same for both: how often
+   log p(true code) > log p(alternative's code) under the true, the null and the alternative's own
+   caption. Exchanged words test binding, replaced words test reading the word at all.
+
+Prints tables to stderr; last stdout line: one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dalle_proto.attention_masks import additive_mask  # noqa: E402
+from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
+from dalle_proto.datasets.shapes import draw_objects, render_scene, sample_scene  # noqa: E402
+from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, SHAPES, compose_caption, is_held_out,  # noqa: E402
+                                                 parse_caption)
+from dalle_proto.pipeline import DallePipeline  # noqa: E402
+
+CATEGORIES = ("single", "pair", "count")
+PERTURBATIONS = {"single": ("new_color", "new_shape"),
+                 "pair": ("swap_colors", "swap_shapes", "new_color_1", "new_color_2", "new_shape_1", "new_shape_2"),
+                 "count": ("new_color", "new_shape", "new_number")}
+ALTERNATIVES = {"single": ("recolor", "reshape"), "pair": ("swap_colors", "swap_shapes", "recolor", "reshape"),
+                "count": ("recolor", "reshape")}
+WORDS = {"single": ("color", "shape"), "pair": ("color_1", "shape_1", "color_2", "shape_2"),
+         "count": ("number", "color", "shape")}
+MAX_OBJECTS = 4
+VERIFY_TOLERANCE = 1e-4
+
+
+# ---- scenes, token labels, captions ----------------------------------------------------------------
+def eval_scenes(category: str, count: int, seed: int) -> list:
+    """The first `count` eval-split scenes of this type that hold no held-out pair."""
+    scenes, index = [], 0
+    while len(scenes) < count:
+        _, truth = sample_scene(seed, index, split="eval")
+        if truth["type"] == category and not truth["held_out"]:
+            scenes.append(render_scene(seed, index, split="eval"))
+        index += 1
+    return scenes
+
+
+def token_labels(scene, grid: int) -> dict:
+    """Per image token (raster order): owner object (caption order, -1 = background), ink, onset,
+    start (each object's first ink token), near (background next to an object); and each object's
+    raster rank."""
+    pixels = np.asarray(scene.image)  # (S, S, 3)
+    cell = pixels.shape[0] // grid
+    ink = (pixels != 255).any(-1).reshape(grid, cell, grid, cell).any(axis=(1, 3)).reshape(-1)  # (N,)
+    edges = np.arange(grid) * cell
+    areas = []
+    for obj in scene.truth["objects"]:
+        x0, y0, x1, y1 = obj["box"]
+        ox = np.clip(np.minimum(x1, edges + cell) - np.maximum(x0, edges), 0, None)  # (g,) per column
+        oy = np.clip(np.minimum(y1, edges + cell) - np.maximum(y0, edges), 0, None)  # (g,) per row
+        areas.append(np.outer(oy, ox).reshape(-1))  # (N,)
+    areas = np.stack(areas)  # (K, N)
+    owner = np.where(areas.max(0) > 0, areas.argmax(0), -1)  # (N,)
+    onset, starts = np.zeros_like(ink), np.zeros_like(ink)
+    first = []
+    for k in range(len(areas)):
+        mine = np.flatnonzero((owner == k) & ink)
+        first.append(mine[0])
+        starts[mine[0]] = True
+        onset |= (owner == k) & ink & (np.arange(grid * grid) // grid == mine[0] // grid)
+    rank = np.full(MAX_OBJECTS, -1)
+    rank[:len(first)] = np.argsort(np.argsort(first))
+    taken = np.pad((owner >= 0).reshape(grid, grid), 1)
+    near = np.zeros((grid, grid), dtype=bool)
+    for dy in range(3):  # background tokens within one token (8-neighbourhood) of an object token
+        for dx in range(3):
+            near |= taken[dy:dy + grid, dx:dx + grid]
+    return {"owner": owner, "ink": ink & (owner >= 0), "onset": onset, "start": starts, "rank": rank,
+            "near": near.reshape(-1) & (owner < 0)}
+
+
+def word_tokens(text_tokenizer, caption: str, category: str) -> list[list[int]]:
+    """Text positions of each of WORDS[category] in the encoded caption (eval-mode BPE)."""
+    words = caption.split()
+    ends = [len(text_tokenizer.encode_ids(" ".join(words[:w + 1]))) for w in range(len(words))]
+    spans = [list(range(ends[w - 1] if w else 0, ends[w])) for w in range(len(words))]
+    if ends[-1] != len(text_tokenizer.encode_ids(caption)):
+        raise AssertionError(f"word-by-word encoding of {caption!r} does not add up to its encoding")
+    colors = [w for w, word in enumerate(words) if word in COLORS]
+    shapes = [c + 1 for c in colors]  # the grammar puts the shape right after its colour
+    if category == "count":
+        number = next(w for w, word in enumerate(words) if word in NUMBERS)
+        picks = [number, colors[0], shapes[0]]
+    else:
+        picks = [w for pair in zip(colors, shapes) for w in pair]
+    return [spans[w] for w in picks]
+
+
+def alternative(scene, change: str) -> tuple[torch.Tensor, str | None] | None:
+    """The scene re-rendered with one change, boxes unchanged, and the caption that describes it
+    (None where it would name a held-out pair): "swap_colors" / "swap_shapes" exchange the two
+    objects' colours / shapes (None where they are equal); "recolor" / "reshape" give every object
+    a colour / shape the scene does not use. -> ((3, S, S) in [-1, 1], caption), or None."""
+    objects, spec = copy.deepcopy(scene.truth["objects"]), copy.deepcopy(parse_caption(scene.caption))
+    key = "color" if "color" in change else "shape"
+    if change.startswith("swap_"):
+        if objects[0][key] == objects[1][key]:
+            return None
+        for group in (objects, spec["objects"]):
+            group[0][key], group[1][key] = group[1][key], group[0][key]
+    else:
+        unused = [v for v in (COLORS if key == "color" else SHAPES) if v not in {o[key] for o in objects}]
+        for obj in objects + spec["objects"]:
+            obj[key] = unused[scene.truth["index"] % len(unused)]
+    caption = None if any(is_held_out(o["color"], o["shape"]) for o in objects) else compose_caption(spec)
+    return pil_to_tensor(draw_objects(objects, scene.image.size[0])), caption
+
+
+def code_margin(logits: torch.Tensor, first: torch.Tensor, true_ids: torch.Tensor,
+                alt_ids: torch.Tensor) -> np.ndarray:
+    """log p(true code) - log p(alternative code) at each row's first differing token. (B,)"""
+    rows = torch.arange(len(first))
+    logp = logits[rows, first].float().log_softmax(-1)  # (B, Vi)
+    return (logp[rows, true_ids[rows, first]] - logp[rows, alt_ids[rows, first]]).numpy()
+
+
+def perturbed(caption: str, change: str, rng: np.random.Generator) -> str | None:
+    """`caption` with one change (PERTURBATIONS); None where it would not differ or would name a
+    held-out pair."""
+    spec = copy.deepcopy(parse_caption(caption))
+    objects = spec["objects"]
+    if change in ("swap_colors", "swap_shapes"):
+        key = change[5:-1]
+        objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
+    elif change == "new_number":
+        spec["number"] = rng.choice([n for n in NUMBERS.values() if n != spec["number"]])
+    else:
+        key = "color" if "color" in change else "shape"
+        target = objects[int(change[-1]) - 1 if change[-1].isdigit() else 0]
+        used = {o[key] for o in objects}
+        target[key] = str(rng.choice([v for v in (COLORS if key == "color" else SHAPES) if v not in used]))
+    text = compose_caption(spec)
+    if text == caption or any(is_held_out(o["color"], o["shape"]) for o in objects):
+        return None
+    return text
+
+
+# ---- the transformer, with its attention recomputed -------------------------------------------------
+@torch.no_grad()
+def forward_with_attention(model, text_ids: torch.Tensor, image_ids: torch.Tensor, verify: bool = False):
+    """Teacher-forced forward that recomputes each layer's attention densely from its qkv projection
+    and mask buffer. -> image logits (B, N, Vi), per layer text-key probabilities (B, H, N, T) with
+    row j = the query predicting image token j, and (verify) the max abs difference of each layer's
+    attention output to the model's own attention."""
+    c = model.config
+    t, n, h, d = c.text_len, c.image_len, c.heads, c.head_dim
+    masks = model.masks()
+    x = torch.cat([model.text_embedding(text_ids) + model.text_position,
+                   model.image_embedding(image_ids) + model._image_position()], dim=1)  # (B, T+N, D)
+    b, length, _ = x.shape
+    text_probs, layer_diffs = [], []
+    for block in model.blocks:
+        attn = block.attn
+        normed = block.norm_attn(x)  # (B, L, D)
+        q, k, v = attn.qkv(normed).view(b, length, 3, h, d).permute(2, 0, 3, 1, 4)  # (B, H, L, dh)
+        if block.kind == "full":
+            allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        else:
+            allowed = masks[block.kind]  # (L, L) bool, the buffer the dense path gives SDPA
+        scores = (q @ k.transpose(-1, -2)) * d ** -0.5 + additive_mask(allowed).to(x.device)  # (B, H, L, L)
+        probs = scores.softmax(dim=-1)
+        out = attn.out((probs @ v).transpose(1, 2).reshape(b, length, h * d))  # (B, L, D)
+        if verify:
+            layer_diffs.append(float((out - attn(normed, masks)).abs().max()))
+        text_probs.append(probs[:, :, t - 1:t + n - 1, :t])  # (B, H, N, T)
+        x = x + block.post_attn(out)
+        x = x + block.post_mlp(block.mlp(block.norm_mlp(x)))
+    image_logits = model.image_head(model.final_norm(x)[:, t - 1:-1])  # (B, N, Vi)
+    return image_logits, text_probs, layer_diffs
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").numpy()  # (B, N)
+
+
+# ---- one category ----------------------------------------------------------------------------------
+WORD_TOKENS = ("ink", "start")  # which of an object's tokens the word attention is averaged over
+LABELS = ("owner", "ink", "onset", "start", "rank", "near")
+
+
+def word_attention(text_probs: list, picks: torch.Tensor, labels: dict) -> dict[str, np.ndarray]:
+    """Per object and layer, the mean weight of its ink (start) tokens' queries on each caption word:
+    {tokens: (B, K, depth, H, W)}. picks: (B, T, W) indicator of each word's text positions."""
+    on_words = [torch.einsum("bhnt,btw->bhnw", p, picks) for p in text_probs]  # depth x (B, H, N, W)
+    owner = torch.as_tensor(labels["owner"])  # (B, N)
+    out = {}
+    for key in WORD_TOKENS:
+        select = torch.stack([(owner == k) & torch.as_tensor(labels[key]) for k in range(MAX_OBJECTS)], 1).float()
+        select[:, :, 0] = 0  # token 0 is predicted by a text query  # (B, K, N)
+        select = select / select.sum(-1, keepdim=True).clamp(min=1)
+        per_object = [torch.einsum("bkn,bhnw->bkhw", select, w) for w in on_words]  # depth x (B, K, H, W)
+        out[key] = torch.stack(per_object, 2).numpy()
+    return out
+
+
+def word_picks(text_tokenizer, captions: list[str], category: str, text_len: int) -> torch.Tensor:
+    picks = torch.zeros(len(captions), text_len, len(WORDS[category]))  # (B, T, W)
+    for i, caption in enumerate(captions):
+        for w, span in enumerate(word_tokens(text_tokenizer, caption, category)):
+            picks[i, span, w] = 1
+    return picks
+
+
+def caption_mass(text_probs: list, text_ids: torch.Tensor, text_vocab_size: int) -> np.ndarray:
+    """Weight on all text keys, on real BPE positions and on pads, head mean: (B, 3, depth, N)."""
+    real = (text_ids < text_vocab_size).float()[:, None, None, :]  # (B, 1, 1, T)
+    mass = [torch.stack([p.sum(-1), (p * real).sum(-1), (p * (1 - real)).sum(-1)]).mean(2)  # (3, B, N)
+            for p in text_probs]
+    return torch.stack(mass, 2).permute(1, 0, 2, 3).numpy()
+
+
+def first_difference_choices(pipe, category: str, batch: list, image_ids: torch.Tensor, logits: dict) -> dict:
+    """For each alternative rendering (ALTERNATIVES): the first token whose code differs from the
+    scene's, and there log p(true code) - log p(alternative's code) under the true, null and
+    alternative's caption; the context up to that token is the same for both renderings, so which
+    code the caption prefers is a clean two-way choice. -> {"choice_<change>": (B, 4) [token (-1: no
+    difference), margins], "recode_color" / "recode_shape": (B, N) codes changed by recolouring /
+    reshaping every object}."""
+    model, text_tokenizer = pipe.transformer, pipe.text_tokenizer
+    out = {}
+    for change in ALTERNATIVES[category]:
+        made = [alternative(s, change) for s in batch]
+        rows = [i for i, m in enumerate(made) if m is not None]
+        alt_ids = image_ids.clone()
+        if rows:
+            alt_ids[rows] = pipe.image_tokenizer.encode(torch.stack([made[i][0] for i in rows])).flatten(1)
+        changed = alt_ids != image_ids  # (B, N)
+        if change in ("recolor", "reshape"):
+            out[f"recode_{'color' if change == 'recolor' else 'shape'}"] = changed.numpy()
+        first = changed.int().argmax(1)  # (B,) first differing token (0 where none: masked below)
+        valid = changed.any(1).numpy()
+        margins = [code_margin(logits[cond], first, image_ids, alt_ids) for cond in ("true", "null")]
+        margins.append(np.full(len(batch), np.nan))
+        captioned = [i for i in rows if made[i][1] is not None and valid[i]]
+        if captioned:
+            _, alt_logits = model(text_tokenizer.encode([made[i][1] for i in captioned]), image_ids[captioned])
+            margins[2][captioned] = code_margin(alt_logits, first[captioned], image_ids[captioned],
+                                                alt_ids[captioned])
+        token = np.where(valid, first.numpy(), -1).astype(float)
+        out[f"choice_{change}"] = np.stack([token] + [np.where(valid, m, np.nan) for m in margins], 1)  # (B, 4)
+    return out
+
+
+def perturbation_runs(model, text_tokenizer, category: str, batch: list, image_ids: torch.Tensor,
+                      labels: dict, seed: int) -> tuple[dict, dict]:
+    """Per PERTURBATIONS caption: token losses (B, N), NaN where it does not apply; and for the
+    exchanges the word attention under the exchanged caption ({"words_<tokens>_<change>": ...})."""
+    c = model.config
+    ce, words = {}, {}
+    for number, change in enumerate(PERTURBATIONS[category]):
+        texts = [perturbed(s.caption, change, np.random.default_rng([seed, s.truth["index"], number]))
+                 for s in batch]  # a scene's perturbation does not depend on the batching
+        rows = [i for i, text in enumerate(texts) if text is not None]
+        ce[change] = np.full((len(batch), c.image_len), np.nan)
+        exchange = change.startswith("swap_")
+        if exchange:
+            for key in WORD_TOKENS:
+                words[f"words_{key}_{change}"] = np.full((len(batch), MAX_OBJECTS, c.depth, c.heads,
+                                                          len(WORDS[category])), np.nan)
+        if not rows:
+            continue
+        pert_ids = text_tokenizer.encode([texts[i] for i in rows])
+        if exchange:
+            pert_logits, pert_probs, _ = forward_with_attention(model, pert_ids, image_ids[rows])
+            picks = word_picks(text_tokenizer, [texts[i] for i in rows], category, c.text_len)
+            for key, values in word_attention(pert_probs, picks, {k: v[rows] for k, v in labels.items()}).items():
+                words[f"words_{key}_{change}"][rows] = values
+        else:
+            _, pert_logits = model(pert_ids, image_ids[rows])
+        ce[change][rows] = token_ce(pert_logits, image_ids[rows])
+    return ce, words
+
+
+@torch.inference_mode()
+def run_category(pipe, category: str, count: int, seed: int, batch_size: int) -> dict:
+    model, text_tokenizer = pipe.transformer, pipe.text_tokenizer
+    c = model.config
+    scenes = eval_scenes(category, count, seed)
+    rec: dict[str, list] = {}
+    verify = None
+    for start in range(0, len(scenes), batch_size):
+        batch = scenes[start:start + batch_size]
+        captions = [s.caption for s in batch]
+        images = torch.stack([pil_to_tensor(s.image) for s in batch])  # (B, 3, S, S)
+        image_ids = pipe.image_tokenizer.encode(images).flatten(1)  # (B, N)
+        text_ids = text_tokenizer.encode(captions)  # (B, T)
+        every = [token_labels(s, c.image_grid) for s in batch]
+        labels = {key: np.stack([lab[key] for lab in every]) for key in LABELS}
+        logits, text_probs, diffs = forward_with_attention(model, text_ids, image_ids, verify=verify is None)
+        if verify is None:
+            _, reference = model(text_ids, image_ids)  # the model's own (block-sparse) forward
+            verify = {"layer_output_max_abs_diff": max(diffs),
+                      "logits_max_abs_diff": float((logits - reference).abs().max()),
+                      "logits_max_abs": float(reference.abs().max())}
+        _, null_logits = model(model.null_text_ids(len(batch)), image_ids)
+        ce, exchanged_words = perturbation_runs(model, text_tokenizer, category, batch, image_ids, labels, seed)
+        ce |= {"true": token_ce(logits, image_ids), "null": token_ce(null_logits, image_ids)}
+        picks = word_picks(text_tokenizer, captions, category, c.text_len)
+        found = {**labels, **{f"ce_{cond}": v for cond, v in ce.items()}, **exchanged_words,
+                 **{f"words_{key}_true": v for key, v in word_attention(text_probs, picks, labels).items()},
+                 **first_difference_choices(pipe, category, batch, image_ids, {"true": logits, "null": null_logits}),
+                 "mass": caption_mass(text_probs, text_ids, c.text_vocab_size)}
+        for key, values in found.items():
+            rec.setdefault(key, []).append(values)
+        print(f"  {category}: {start + len(batch)}/{len(scenes)} scenes", file=sys.stderr, flush=True)
+    data = {key: np.concatenate(v) for key, v in rec.items()}
+    data["ce"] = {key[3:]: data.pop(key) for key in list(data) if key.startswith("ce_")}
+    return summarise(category, data, verify)
+
+
+# ---- summaries -------------------------------------------------------------------------------------
+def scene_means(values: np.ndarray, select: np.ndarray) -> np.ndarray:
+    """(S, N) values, (S, N) bool -> (S,) per-scene means over the selected tokens (NaN: none)."""
+    select = select & ~np.isnan(values)
+    counted = select.sum(-1)
+    return np.where(counted > 0, np.where(select, values, 0).sum(-1) / np.maximum(counted, 1), np.nan)
+
+
+def mean_se(per_scene: np.ndarray) -> dict:
+    kept = per_scene[~np.isnan(per_scene)]
+    if len(kept) == 0:
+        return {"mean": None, "se": None, "n": 0}
+    se = float(kept.std(ddof=1) / np.sqrt(len(kept))) if len(kept) > 1 else None
+    return {"mean": round(float(kept.mean()), 4), "se": None if se is None else round(se, 4), "n": int(len(kept))}
+
+
+def regions(category: str, data: dict) -> dict[str, np.ndarray]:
+    """Named token selections (S, N) for loss tables."""
+    owner, ink, onset, rank = data["owner"], data["ink"], data["onset"], data["rank"]  # (S, N), (S, K)
+    per_object = lambda k: owner == k  # noqa: E731
+    by_rank = lambda r: np.stack([np.isin(owner[s], np.flatnonzero(rank[s] == r))  # noqa: E731
+                                  for s in range(len(owner))])
+    near = data["near"]
+    out = {"background": owner < 0, "bg_near": near, "bg_far": (owner < 0) & ~near,
+           "object_box": owner >= 0, "object_ink": ink, "object_onset": onset, "object_start": data["start"]}
+    if category == "pair":
+        out |= {"raster_first": by_rank(0), "raster_second": by_rank(1),
+                "first_onset": onset & by_rank(0), "second_onset": onset & by_rank(1),
+                "subject": per_object(0), "reference": per_object(1),
+                "subject_onset": onset & per_object(0), "reference_onset": onset & per_object(1),
+                "subject_start": data["start"] & per_object(0), "reference_start": data["start"] & per_object(1)}
+    elif category == "count":
+        later = np.stack([np.isin(owner[s], np.flatnonzero(rank[s] >= 1)) for s in range(len(owner))])
+        out |= {"raster_first": by_rank(0), "raster_later": later,
+                "first_onset": onset & by_rank(0), "later_onset": onset & later}
+    return out
+
+
+def object_groups(category: str, heads: np.ndarray, rank: np.ndarray) -> dict[str, np.ndarray]:
+    """(S, K, depth, H, W) per-object word attention -> named (S, depth, H, W) groups: pair by caption
+    order and by raster order, count by raster order (first, mean of the later ones)."""
+    by_rank = lambda r: np.stack([heads[s, np.flatnonzero(rank[s] == r)].mean(0)  # noqa: E731
+                                  for s in range(len(rank))])
+    if category == "single":
+        return {"object": heads[:, 0]}
+    if category == "pair":
+        return {"subject": heads[:, 0], "reference": heads[:, 1],
+                "raster_first": by_rank(0), "raster_second": by_rank(1)}
+    later = np.stack([heads[s, np.flatnonzero(rank[s] >= 1)].mean(0) for s in range(len(rank))])
+    return {"raster_first": by_rank(0), "raster_later": later}
+
+
+def binding_margins(heads: np.ndarray, scenes: np.ndarray, layer: int, kind: str) -> np.ndarray:
+    """(2, H): subject tokens' weight on the first object's word slot minus the second's, and the
+    reference tokens' on the second minus the first (kind: colour or shape word), over `scenes`."""
+    own_s, own_r = (0, 2) if kind == "color" else (1, 3)  # word slots: color_1, shape_1, color_2, shape_2
+    m = heads[scenes][:, :2, layer].mean(0)  # (2, H, W): subject, reference
+    return np.stack([m[0, :, own_s] - m[0, :, own_r], m[1, :, own_r] - m[1, :, own_s]])
+
+
+def word_summary(category: str, data: dict, depth: int) -> list[dict]:
+    """Per layer: head-mean weight of each object group's ink tokens on each caption word. Pairs, also
+    the binding margins (`binding_margins`) of the head mean and of the head whose smaller margin
+    is largest, at ink tokens and start tokens, with the true caption and (same head) with the two
+    words exchanged: a head that follows caption order keeps its margins positive under the
+    exchange; one that finds the word naming the colour the object is already drawn in flips them."""
+    groups = object_groups(category, data["words_ink_true"], data["rank"])
+    words = []
+    for layer in range(depth):
+        row = {}
+        for group, values in groups.items():
+            head_mean = values[:, layer].mean(0)  # (H, W)
+            for w, word in enumerate(WORDS[category]):
+                row[f"{group}_on_{word}"] = round(float(head_mean[:, w].mean()), 4)
+        for kind in ("color", "shape") if category == "pair" else ():
+            exchanged = data[f"words_ink_swap_{kind}s"]
+            scenes = ~np.isnan(exchanged[:, 0, 0, 0, 0])  # the exchange applies (the words differ, no held-out pair)
+            for tokens in WORD_TOKENS:
+                true = binding_margins(data[f"words_{tokens}_true"], scenes, layer, kind)
+                swapped = binding_margins(data[f"words_{tokens}_swap_{kind}s"], scenes, layer, kind)
+                best = int(true.min(0).argmax())
+                row[f"{kind}_margin_{tokens}"] = {
+                    "head_mean": [round(float(v), 4) for v in true.mean(1)], "best_head": best,
+                    "best_head_margins": [round(float(v), 4) for v in true[:, best]],
+                    "exchanged_head_mean": [round(float(v), 4) for v in swapped.mean(1)],
+                    "exchanged_best_head_margins": [round(float(v), 4) for v in swapped[:, best]],
+                    "scenes": int(scenes.sum())}
+        words.append(row)
+    return words
+
+
+def choice_summary(data: dict, change: str) -> dict:
+    """The two-way choice at the first token where an alternative rendering differs: how often the
+    true code is more likely than the alternative's under the true caption, the null caption and the
+    alternative's own caption, mean margins (nats), and where that token lies."""
+    table = data[f"choice_{change}"]  # (S, 4): first differing token (-1: none), margins true / null / alternative
+    valid = table[:, 0] >= 0
+    first = table[valid, 0].astype(int)
+    owner, near = data["owner"][valid], data["near"][valid]
+    rows = np.arange(len(first))
+    starts = np.where(data["start"][valid], np.arange(owner.shape[1]), owner.shape[1]).min(1)  # first start token
+    out = {"scenes": int(valid.sum()), "mean_token": round(float(first.mean()), 1),
+           "token_in_object": round(float((owner[rows, first] >= 0).mean()), 3),
+           "token_bg_near": round(float(near[rows, first].mean()), 3),
+           "token_before_any_ink": round(float((first < starts).mean()), 3)}
+    for col, name in ((1, "true"), (2, "null"), (3, "alternative")):
+        margin = table[valid, col]
+        kept = margin[~np.isnan(margin)]
+        out[f"prefers_true_{name}_caption"] = round(float((kept > 0).mean()), 3) if len(kept) else None
+        out[f"margin_{name}_caption"] = mean_se(margin)
+    both = table[valid, 1] - table[valid, 3]
+    out["caption_effect"] = mean_se(both)  # margin(true caption) - margin(alternative's caption), same scenes
+    return out
+
+
+def summarise(category: str, data: dict, verify: dict) -> dict:
+    n_tokens = data["owner"].shape[1]
+    queries = np.arange(n_tokens) >= 1  # image queries only: token 0 is predicted by a text position
+    owner, ink = data["owner"], data["ink"]
+    depth = data["mass"].shape[2]
+    attention = []
+    for layer in range(depth):
+        row = {}
+        for m, what in enumerate(("text", "real", "pad")):
+            values = data["mass"][:, m, layer]  # (S, N)
+            for name, sel in (("all", np.ones_like(ink)), ("object", owner >= 0), ("ink", ink),
+                              ("background", owner < 0)):
+                row[f"{what}_{name}"] = mean_se(scene_means(values, sel & queries))["mean"]
+        attention.append(row)
+    selections = regions(category, data)
+    loss = {cond: {name: mean_se(scene_means(data["ce"][cond], sel))["mean"] for name, sel in selections.items()}
+            for cond in ("true", "null")}  # perturbations apply to subsets: see delta_vs_true
+    delta = {}
+    for cond, ce in data["ce"].items():
+        if cond == "true":
+            continue
+        diff = ce - data["ce"]["true"]  # NaN where the perturbation was skipped
+        delta[cond] = {name: mean_se(scene_means(diff, sel)) for name, sel in selections.items()}
+    words = word_summary(category, data, depth)
+    extra = {}
+    if category == "pair":
+        extra["subject_raster_first_fraction"] = round(float((data["rank"][:, 0] == 0).mean()), 4)
+    near = data["near"]
+    extra["image_tokenizer_recode"] = {  # fraction of tokens whose code changes with the objects' colour / shape
+        f"{key}_{name}": mean_se(scene_means(data[f"recode_{key}"].astype(float), sel))["mean"]
+        for key in ("color", "shape") for name, sel in (("bg_far", (owner < 0) & ~near), ("bg_near", near),
+                                                         ("object_box", owner >= 0))}
+    extra["first_difference_choice"] = {change: choice_summary(data, change) for change in ALTERNATIVES[category]}
+    return {"scenes": int(len(owner)), **extra, "verify": verify, "attention": attention, "loss": loss,
+            "delta_vs_true": delta, "word_attention": words}
+
+
+# ---- printing --------------------------------------------------------------------------------------
+def fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def pair_text(values) -> str:
+    return "/".join(fmt(v, 2) for v in values)
+
+
+def print_tables(results: dict, kinds: list[str]) -> None:
+    out = lambda line="": print(line, file=sys.stderr)  # noqa: E731
+    for category, res in results["categories"].items():
+        out(f"\n=== {category} ({res['scenes']} scenes) ===")
+        out("attention on the caption, image queries, head mean: weight on all text / real BPE positions / pads | "
+            "on all text by the predicted token's region")
+        out("layer kind    text   real    pad |   obj    ink     bg")
+        for layer, row in enumerate(res["attention"]):
+            out(f"{layer:5d} {kinds[layer]:6s} {fmt(row['text_all'])} {fmt(row['real_all'])} {fmt(row['pad_all'])} | "
+                f"{fmt(row['text_object'])} {fmt(row['text_ink'])} {fmt(row['text_background'])}")
+        out("image tokenizer: fraction of token codes that change when every object gets another colour / shape, "
+            "same boxes: " + ", ".join(f"{k} {v:.3f}" for k, v in res["image_tokenizer_recode"].items()))
+        out("two-way choice at the first token where an alternative rendering differs (same context before it): "
+            "P(log p(true code) > log p(alternative's code)) under the true / null / alternative's caption; margins "
+            "in nats; effect = margin(true caption) - margin(alternative's caption)")
+        out(f"{'alternative':12s} {'n':>4s} {'token':>6s} {'in obj':>7s} {'bg near':>8s} {'pre-ink':>8s} {'true':>6s} "
+            f"{'null':>6s} {'alt':>6s} {'margin true':>12s} {'margin alt':>12s} {'effect':>14s}")
+        for change, row in res["first_difference_choice"].items():
+            effect = row["caption_effect"]
+            out(f"{change:12s} {row['scenes']:4d} {row['mean_token']:6.1f} {row['token_in_object']:7.3f} "
+                f"{row['token_bg_near']:8.3f} {row['token_before_any_ink']:8.3f} "
+                f"{fmt(row['prefers_true_true_caption']):>6s} {fmt(row['prefers_true_null_caption']):>6s} "
+                f"{fmt(row['prefers_true_alternative_caption']):>6s} {fmt(row['margin_true_caption']['mean']):>12s} "
+                f"{fmt(row['margin_alternative_caption']['mean']):>12s} "
+                f"{fmt(effect['mean']) + '±' + fmt(effect['se']):>14s}")
+        names = list(next(iter(res["loss"].values())))
+        out("image-token cross-entropy (nats) by region")
+        out(f"{'condition':13s}" + "".join(f"{n[:15]:>16s}" for n in names))
+        for cond, row in res["loss"].items():
+            out(f"{cond:13s}" + "".join(f"{fmt(row[n]):>16s}" for n in names))
+        out("loss(condition) - loss(true caption), same tokens (mean ± se over scenes)")
+        for cond, row in res["delta_vs_true"].items():
+            cells = "".join(f"{fmt(row[n]['mean'], 3) + '±' + fmt(row[n]['se'], 3):>16s}" for n in names)
+            out(f"{cond:13s}{cells}   n={row['object_box']['n']}")
+        out("attention of an object's ink tokens on caption words (head mean)")
+        keys = [k for k in res["word_attention"][0] if "_on_" in k and (category == "count" or "raster" not in k)]
+        short = {"subject": "subj", "reference": "ref", "raster_first": "1st", "raster_later": "later", "object": "obj"}
+        labels = ["%s>%s" % (short[k.split("_on_")[0]], k.split("_on_")[1]) for k in keys]
+        out("layer " + " ".join(f"{label.replace('color', 'c').replace('shape', 's'):>9s}" for label in labels))
+        for layer, row in enumerate(res["word_attention"]):
+            out(f"{layer:5d} " + " ".join(f"{fmt(row.get(k)):>9s}" for k in keys))
+        if category != "pair":
+            continue
+        out("binding margins, subject/reference tokens: weight on the own object's word minus the other's (head mean; "
+            "hN = the head whose smaller margin is largest; exch = that head with the two words exchanged)")
+        out("layer" + "".join(f"{kind + ' ' + tokens:>44s}" for kind in ("color", "shape") for tokens in WORD_TOKENS))
+        for layer, row in enumerate(res["word_attention"]):
+            cells = ""
+            for kind in ("color", "shape"):
+                for tokens in WORD_TOKENS:
+                    m = row[f"{kind}_margin_{tokens}"]
+                    exchanged = pair_text(m["exchanged_best_head_margins"])
+                    cells += (f"{pair_text(m['head_mean']):>12s} h{m['best_head']} "
+                              f"{pair_text(m['best_head_margins']):>11s} exch {exchanged:>11s}")
+            out(f"{layer:5d}{cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="checkpoints/shapes",
+                        help="pipeline folder (default: checkpoints/shapes)")
+    parser.add_argument("--per-category", type=int, default=200, help="scenes per type (default: 200)")
+    parser.add_argument("--seed", type=int, default=1, help="eval-split data set seed (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=40)
+    args = parser.parse_args()
+    start = time.time()
+    pipe = DallePipeline.from_pretrained(args.checkpoint, dtype=torch.float32)
+    pipe.text_tokenizer.eval()
+    kinds = list(pipe.transformer.kinds)
+    results = {"checkpoint": args.checkpoint, "per_category": args.per_category, "seed": args.seed,
+               "split": "eval", "layer_kinds": kinds, "categories": {}}
+    for category in CATEGORIES:
+        results["categories"][category] = run_category(pipe, category, args.per_category, args.seed, args.batch_size)
+    checks = [res["verify"] for res in results["categories"].values()]
+    worst = max(max(v["layer_output_max_abs_diff"], v["logits_max_abs_diff"]) for v in checks)
+    results["verification"] = {"max_abs_diff": worst, "tolerance": VERIFY_TOLERANCE,
+                               "passed": worst <= VERIFY_TOLERANCE}
+    results["seconds"] = round(time.time() - start, 1)
+    results["torch_threads"] = torch.get_num_threads()
+    print_tables(results, kinds)
+    print(f"\nverification: recomputed attention vs the model's own (block-sparse) attention and logits, "
+          f"first batch of each type: max abs diff {worst:.2e} (tolerance {VERIFY_TOLERANCE:g}) -> "
+          f"{'PASS' if worst <= VERIFY_TOLERANCE else 'FAIL'}; wall {results['seconds']} s", file=sys.stderr)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
