@@ -191,3 +191,30 @@ def test_dvae_kind_round_trip_shapes(tmp_path):
     assert out.shape == (2, 3, 16, 16) and float(out.min()) >= -1 and float(out.max()) <= 1
     m.save_pretrained(tmp_path / "dvae")
     assert torch.equal(ImageTokenizer.from_pretrained(tmp_path / "dvae").encode(x), ids)
+
+
+def test_local_encoder_codes_do_not_see_far_objects(tmp_path):
+    """taming's encoder (GroupNorm, mid attention) lets a far-away object's colour change the codes
+    of white background; local_encoder keeps each code to its receptive field (at f4 with these
+    widths about 38 px: the corner token, 37 px from the square, is outside it)."""
+    x = -torch.ones(1, 3, 64, 64)
+    x[:, :, 40:56, 40:56] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red square, bottom right
+    y = x.clone()
+    y[:, :, 40:56, 40:56] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None]  # the same square in blue
+    corner = (slice(None), slice(None), slice(0, 1), slice(0, 1))  # token (0, 0): pixels 0-3
+    latents = {}
+    for local in (False, True):
+        torch.manual_seed(0)
+        model = ImageTokenizer(ImageTokenizerConfig(resolution=64, ch=32, ch_mult=[1, 1, 2], z_channels=32,
+                                                    embed_dim=8, n_embed=64, local_encoder=local)).eval()
+        with torch.no_grad():
+            latents[local] = [model.encoder(image)[corner] for image in (x, y)]
+        if local:
+            assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.encoder.modules())
+            model.save_pretrained(tmp_path / "local")
+            loaded = ImageTokenizer.from_pretrained(tmp_path / "local")
+            assert loaded.config.local_encoder and torch.equal(loaded.encode(x), model.encode(x))
+    assert not torch.allclose(*latents[False], atol=1e-4)  # the leak this option removes
+    torch.testing.assert_close(*latents[True], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="local_encoder applies to the vqgan and gumbel"):
+        ImageTokenizerConfig(kind="dvae", local_encoder=True)

@@ -26,6 +26,37 @@ def normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map: unlike GroupNorm, no
+    statistic is shared across positions. Parameters are named as GroupNorm's (weight, bias)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)  # (B, H, W, C)
+        return x.permute(0, 3, 1, 2)
+
+
+def make_local(encoder: "Encoder") -> "Encoder":
+    """Strip the encoder of what mixes the whole image: GroupNorm -> ChannelNorm, attention blocks ->
+    identity. A token's code then depends only on its convolutional receptive field; with taming's
+    encoder, white background codes change when an object anywhere changes colour."""
+    for name, module in list(encoder.named_modules()):
+        if not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+        if isinstance(module, nn.GroupNorm):
+            setattr(parent, child, ChannelNorm(module.num_channels, module.eps))
+        elif isinstance(module, AttnBlock):
+            setattr(parent, child, nn.Identity())
+    return encoder
+
+
 def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
