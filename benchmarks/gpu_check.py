@@ -12,8 +12,8 @@ Sections (each reported under its own key of the JSON object; progress goes to s
 - train: builds a small shapes world itself (a BPE text tokenizer trained on the scenes' captions
   by `stages.train_text_tokenizer`, the shipped f4 VQGAN of checkpoints/shapes/image_tokenizer,
   or a random one with --tiny, encoding `--scenes` scenes with `token_cache.encode_to_cache` on the
-  device), then trains the shapes transformer (configs/shapes.yaml, `transformer_training.
-  train_transformer` as `stages.train` calls it) with Lightning precision bf16-mixed on one device:
+  device), then trains the shapes transformer (configs/shapes.yaml, through
+  `stages.train`, the stage `dalle-proto train` runs) with Lightning precision bf16-mixed on one device:
   steps/s and samples/s after a warm-up, first and last train loss (the loss must fall), the
   final validation loss and sample grid, peak GPU memory.
 - kv_cache: for every attention mode (`attention_masks.ATTENTION_MODES`: the sparse pattern, its
@@ -72,9 +72,8 @@ from dalle_proto.pipeline import DallePipeline  # noqa: E402
 from dalle_proto.run_config import RunConfig, load_run_config  # noqa: E402
 from dalle_proto.sampling import generate_image_tokens, generate_image_tokens_with_logits  # noqa: E402
 from dalle_proto.text_tokenizer import TextTokenizer  # noqa: E402
-from dalle_proto.token_cache import TokenCache, encode_to_cache  # noqa: E402
+from dalle_proto.token_cache import encode_to_cache  # noqa: E402
 from dalle_proto.transformer import DalleTransformer, TransformerConfig  # noqa: E402
-from dalle_proto.transformer_training import train_transformer  # noqa: E402
 
 SHIPPED = REPO / "checkpoints" / "shapes"
 FP32_TOL, BF16_TOL = (1e-4, 1e-5), (0.05, 0.02)  # (absolute, times max |logit|)
@@ -156,22 +155,9 @@ def build_world(args, config: RunConfig, device: torch.device) -> dict:
             "encode_images_per_s": round(n / (t2 - t1), 1), "build_s": round(t2 - t0, 2)}
 
 
-def train_like_stage(config: RunConfig, callbacks: list[pl.Callback], sample_grid: bool = True) -> DalleTransformer:
-    """`stages.train(config)` with extra Lightning callbacks (the meter); same files, same calls."""
-    text_tokenizer = TextTokenizer.from_pretrained(config.out / "text_tokenizer")
-    train_cache = TokenCache(config.out / "token_cache" / "train", seed=config.training.seed)
-    eval_folder = config.out / "token_cache" / "eval"
-    val_cache = TokenCache(eval_folder, seed=config.training.seed) if eval_folder.is_dir() else None
-    transformer_config = config.transformer.to_transformer_config(
-        text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,
-        image_vocab_size=train_cache.codebook_size, image_grid=train_cache.grid_size)
-    image_tokenizer = ImageTokenizer.from_pretrained(stages.image_tokenizer_folder(config)) if sample_grid else None
-    model = train_transformer(transformer_config, config.training, text_tokenizer, train_cache, val_cache,
-                              config.out / "transformer_training", image_tokenizer=image_tokenizer,
-                              callbacks=callbacks)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        model.save_pretrained(config.out / "transformer")
-    return model
+def train_like_stage(config: RunConfig, callbacks: list[pl.Callback]) -> DalleTransformer:
+    """`dalle-proto train`'s own stage, with the meter as an extra Lightning callback."""
+    return stages.train(config, callbacks=callbacks)
 
 
 class Meter(pl.Callback):
@@ -459,7 +445,7 @@ def ddp_worker(request_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
     config = load_run_config(request["yamls"], request["overrides"])
     with contextlib.redirect_stdout(sys.stderr):
-        train_like_stage(config, [Meter(request["deadline_unix"], Path(request["results"]))], sample_grid=False)
+        train_like_stage(config, [Meter(request["deadline_unix"], Path(request["results"]))])
 
 
 # ---- main ---------------------------------------------------------------------------------------

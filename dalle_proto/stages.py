@@ -31,6 +31,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any, Sequence
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import IterableDataset, Subset
 from tqdm.auto import tqdm
 
@@ -202,7 +203,8 @@ def encode(config: RunConfig) -> list[Path]:
     return written
 
 
-def train(config: RunConfig):
+def train(config: RunConfig, callbacks: Sequence[Any] = ()):
+    """Train the transformer on the run's token cache; `callbacks`: extra Lightning callbacks."""
     from .image_tokenizer import ImageTokenizer
     from .text_tokenizer import TextTokenizer
     from .token_cache import TokenCache
@@ -218,9 +220,11 @@ def train(config: RunConfig):
     _save_run_config(config, "train")
     image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
     model = train_transformer(transformer_config, config.training, text_tokenizer, train_cache, val_cache,
-                              config.out / "transformer_training", image_tokenizer=image_tokenizer)
-    model.save_pretrained(config.out / "transformer")
-    print(f"transformer -> {config.out / 'transformer'}")
+                              config.out / "transformer_training", image_tokenizer=image_tokenizer,
+                              callbacks=list(callbacks))
+    if rank_zero_only.rank == 0:  # under DDP every rank holds the same weights: one writes them
+        model.save_pretrained(config.out / "transformer")
+        print(f"transformer -> {config.out / 'transformer'}")
     return model
 
 
