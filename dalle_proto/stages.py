@@ -25,7 +25,6 @@ that one command line can still be passed to every stage.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from functools import reduce
 from pathlib import Path
@@ -81,23 +80,20 @@ def _value_in_force(stage: str, config: RunConfig, key: str) -> tuple[Any, str] 
     """(value, file) when a part saved by an earlier stage fixes `key` for this stage, else None."""
     section, _, name = key.partition(".")
     if section == "text_tokenizer" and stage in ("train", "train_clip") and name:
-        from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
-
-        folder = config.out / "text_tokenizer"
-        if not (folder / TOKENIZER_FILE).is_file():
+        saved = _saved_text_tokenizer(config)
+        if saved is None:
             return None  # the stage itself says the tokenizer is missing
-        tokenizer = TextTokenizer.from_pretrained(folder)
+        tokenizer, source = saved
         if name == "vocab_size":  # the file holds the true size; compare what training asked for
-            return (tokenizer.requested_vocab_size, str(folder / TOKENIZER_FILE)) \
-                if tokenizer.requested_vocab_size is not None else None
-        return getattr(tokenizer.config, name), str(folder / TOKENIZER_FILE)
+            return (tokenizer.requested_vocab_size, source) if tokenizer.requested_vocab_size is not None else None
+        return getattr(tokenizer.config, name), source
     if section == "image_tokenizer" and stage in ("encode", "train") and name:
-        from .pretrained import CONFIG_NAME
+        from .pretrained import CONFIG_NAME, read_json_object
 
         path = image_tokenizer_folder(config) / CONFIG_NAME
         if not path.is_file():
             return None
-        values = json.loads(path.read_text())
+        values = read_json_object(path, f"the {CONFIG_NAME} written by ImageTokenizer.save_pretrained")
         top = name.split(".")[0]
         return (values[top], str(path)) if top in values else None
     derived = {"text_vocab_size", "text_len", "image_vocab_size", "image_grid"}
@@ -106,16 +102,24 @@ def _value_in_force(stage: str, config: RunConfig, key: str) -> tuple[Any, str] 
     return None
 
 
+def _saved_text_tokenizer(config: RunConfig):
+    """(the run's saved TextTokenizer, its file) or None when train-text-tokenizer has not run."""
+    from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
+
+    folder = config.out / "text_tokenizer"
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    return TextTokenizer.from_pretrained(folder), str(folder / TOKENIZER_FILE)
+
+
 def _derived_transformer_value(config: RunConfig, name: str) -> tuple[Any, str] | None:
     """transformer.text_len and its kin come from the tokenizer and the token cache, not the config."""
     if name in ("text_vocab_size", "text_len"):
-        from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
-
-        folder = config.out / "text_tokenizer"
-        if not (folder / TOKENIZER_FILE).is_file():
+        saved = _saved_text_tokenizer(config)
+        if saved is None:
             return None
-        tokenizer = TextTokenizer.from_pretrained(folder)
-        return getattr(tokenizer, "vocab_size" if name == "text_vocab_size" else name), str(folder / TOKENIZER_FILE)
+        tokenizer, source = saved
+        return getattr(tokenizer, "vocab_size" if name == "text_vocab_size" else name), source
     from .token_cache import TokenCache
 
     folder = config.out / "token_cache" / "train"

@@ -164,7 +164,7 @@ class TextTokenizer:
         rows = [ids + self._pad_ids[len(ids):] for ids in self._encode_all(captions, _rngs(rng, len(captions)))]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.text_len)  # (B, T)
 
-    def _encode_all(self, captions: list[str], rngs: list[np.random.Generator]) -> list[list[int]]:
+    def _encode_all(self, captions: list[str], rngs: list[np.random.Generator | None]) -> list[list[int]]:
         """BPE ids per caption, truncated to text_len. BPE dropout splits words into more ids; where
         that pushes a caption past text_len, its deterministic ids are used instead: cutting words
         off the end would teach the model that the end of a caption (a position, the second object)
@@ -176,9 +176,10 @@ class TextTokenizer:
         if self.training and p > 0:
             if self._merges is None:
                 self._merges = BpeMerges.from_tokenizer_json(json.loads(self._tokenizer.to_str()))
+            fresh = np.random.default_rng() if None in rngs else None  # the caller passed no generator
             for i, caption in enumerate(captions):
                 pieces = self._tokenizer.pre_tokenizer.pre_tokenize_str(self._tokenizer.normalizer.normalize_str(caption))
-                dropped = self._merges.encode([piece for piece, _ in pieces], p, rngs[i])
+                dropped = self._merges.encode([piece for piece, _ in pieces], p, rngs[i] or fresh)
                 if len(dropped) <= self.text_len:
                     ids[i] = dropped
         return ids
@@ -302,10 +303,12 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
     return normalizers.Sequence(steps)
 
 
-def _rngs(rng: np.random.Generator | Sequence[np.random.Generator] | None, n: int) -> list[np.random.Generator]:
-    """One generator per caption: a shared one repeated, the caller's list checked, or a fresh one."""
+def _rngs(rng: np.random.Generator | Sequence[np.random.Generator] | None,
+          n: int) -> list[np.random.Generator | None]:
+    """One generator per caption: a shared one repeated, the caller's list checked, or None (a fresh
+    generator is made only if dropout draws, see `_encode_all`)."""
     if rng is None or isinstance(rng, np.random.Generator):
-        return [rng if rng is not None else np.random.default_rng()] * n
+        return [rng] * n
     rngs = list(rng)
     if len(rngs) != n or not all(isinstance(r, np.random.Generator) for r in rngs):
         raise ValueError(f"rng: expected a numpy Generator or a list of {n} (one per caption), got "

@@ -69,7 +69,7 @@ class TransformerConfig:
         if self.text_attention not in ("causal", "bidirectional"):
             raise ValueError(f"TransformerConfig.text_attention must be 'causal' or 'bidirectional', "
                              f"got {self.text_attention!r}")
-        if self.text_attention == "bidirectional" and self.text_loss_weight != 0:
+        if self.bidirectional_text and self.text_loss_weight != 0:
             raise ValueError(f"TransformerConfig.text_attention='bidirectional' lets each text token see the "
                              f"next one, so it cannot be a target: set text_loss_weight=0 (got "
                              f"{self.text_loss_weight})")
@@ -77,6 +77,10 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.conv_kernel must be odd and >= 1, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def bidirectional_text(self) -> bool:
+        return self.text_attention == "bidirectional"
 
     @property
     def text_total_vocab(self) -> int:
@@ -123,7 +127,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * inner)
         self.out = nn.Linear(inner, config.dim)
         self.dropout = config.dropout
-        self.causal = config.text_attention == "causal"
+        self.causal = not config.bidirectional_text
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, 3, H, dh)
         b, n, _ = x.shape
@@ -223,11 +227,11 @@ class DalleTransformer(nn.Module):
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
-        bidirectional = c.text_attention == "bidirectional"
-        self.register_buffer("mask_text_bias", additive_mask(text_mask(c.text_len, bidirectional)), persistent=False)
+        self.register_buffer("mask_text_bias", additive_mask(text_mask(c.text_len, c.bidirectional_text)),
+                             persistent=False)
         for kind in sorted(set(self.kinds)):
             self.register_buffer(f"mask_{kind}", sequence_mask(kind, c.text_len, c.image_grid, c.conv_kernel,
-                                                               bidirectional), persistent=False)
+                                                               c.bidirectional_text), persistent=False)
             layout = block_layout(kind, c.text_len, c.image_grid, c.conv_kernel)
             if layout is not None:  # block-sparse fast path: each block's image window, (g, g, W)
                 self.register_buffer(f"mask_{kind}_image_bias", additive_mask(layout[2][:, :, c.text_len:]),
@@ -376,8 +380,7 @@ class DalleTransformer(nn.Module):
         key = (kind, dtype, device)
         if key not in self._mask_biases:
             c = self.config
-            mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel,
-                                   c.text_attention == "bidirectional").to(device)
+            mask = cache_slot_mask(kind, c.text_len, c.image_grid, c.conv_kernel, c.bidirectional_text).to(device)
             self._mask_biases[key] = additive_mask(mask, dtype)
         return self._mask_biases[key]
 

@@ -139,7 +139,8 @@ class CaptionCollate:
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
         # the mode is set on every call: train and validation batches may share one tokenizer object
-        rngs = [step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
+        rngs = ([step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
+                if self.train and self.text_tokenizer.config.bpe_dropout > 0 else None)  # eval mode draws nothing
         with self.report_truncation():
             text_ids = self.text_tokenizer.train(self.train).encode(list(captions), rng=rngs)  # (B, T)
         if self.train and self.caption_dropout > 0:

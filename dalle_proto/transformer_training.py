@@ -319,8 +319,9 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     resume = last_checkpoint(checkpoint_dir)
     if resume is not None:
         rank_zero_info(f"resuming from {resume}")
-        # FSDP reads a full checkpoint with Lightning's own unpickler, not through AtomicCheckpointIO:
-        # check first that the file is weights-only (tensors and containers, nothing to run)
+    if resume is not None and c.strategy == "fsdp":
+        # FSDP reads a full checkpoint with Lightning's own unpickler, not through AtomicCheckpointIO
+        # (which every other strategy uses): check first that the file is weights-only
         load_training_checkpoint(resume, mmap=True)
     if c.num_workers > 0:
         # tokenisation runs in the workers; a tokenizer used in threads before the fork would

@@ -44,6 +44,19 @@ def test_loss_weights_are_configurable():
     assert torch.allclose(loss, parts["text_loss"])
 
 
+def assert_image_tokens_are_causal(model: DalleTransformer, text: torch.Tensor, image: torch.Tensor) -> None:
+    """Changing image token j moves no text logit and no logit predicting image tokens 0..j, but
+    does move the one predicting token j + 1 (every mask sees itself)."""
+    text_logits, image_logits = model(text, image)
+    for j in (0, 5, 10):
+        image2 = image.clone()
+        image2[0, j] = (image2[0, j] + 1) % model.config.image_vocab_size
+        t3, i3 = model(text, image2)
+        assert torch.equal(t3, text_logits)
+        assert torch.equal(i3[:, : j + 1], image_logits[:, : j + 1])
+        assert not torch.allclose(i3[:, j + 1], image_logits[:, j + 1])
+
+
 @pytest.mark.parametrize("attention", ATTENTION_MODES)
 def test_perturbing_a_later_token_never_changes_earlier_logits(attention):
     c = small_config(attention=attention)
@@ -56,14 +69,7 @@ def test_perturbing_a_later_token_never_changes_earlier_logits(attention):
     t2, i2 = model(text2, image)
     assert torch.equal(t2[:, :3], text_logits[:, :3])
     assert not torch.allclose(i2, image_logits)  # image tokens do see the whole text
-    # change image token j: logits predicting image tokens 0..j must not move, later ones must
-    for j in (0, 5, 10):
-        image2 = image.clone()
-        image2[0, j] = (image2[0, j] + 1) % c.image_vocab_size
-        t3, i3 = model(text, image2)
-        assert torch.equal(t3, text_logits)
-        assert torch.equal(i3[:, : j + 1], image_logits[:, : j + 1])
-        assert not torch.allclose(i3[:, j + 1], image_logits[:, j + 1])  # every mask sees itself
+    assert_image_tokens_are_causal(model, text, image)
 
 
 @pytest.mark.parametrize("attention", ["sparse", "full"])
@@ -79,11 +85,7 @@ def test_bidirectional_text_sees_the_whole_caption_and_image_stays_causal(attent
     causal = DalleTransformer(small_config(attention=attention)).eval()
     causal.load_state_dict(model.state_dict())
     assert torch.equal(causal(text2, image)[0][:, :3], causal(text, image)[0][:, :3])  # the paper's: it does not
-    for j in (0, 5, 10):  # image tokens are still generated causally
-        image2 = image.clone()
-        image2[0, j] = (image2[0, j] + 1) % c.image_vocab_size
-        _, i3 = model(text, image2)
-        assert torch.equal(i3[:, : j + 1], image_logits[:, : j + 1])
+    assert_image_tokens_are_causal(model, text, image)  # image tokens are still generated causally
     loss, parts = model.loss(text, image)  # the text is an input only
     assert parts["text_loss"].item() == 0.0 and torch.allclose(loss, c.image_loss_weight * parts["image_loss"])
     with pytest.raises(ValueError, match="set text_loss_weight=0"):
