@@ -9,6 +9,7 @@
     dalle-proto generate "a red circle to the left of a blue square" --out samples.png
     dalle-proto evaluate --checkpoint runs/shapes --rerank 8 --out runs/shapes/evaluation
     dalle-proto export runs/shapes checkpoints/shapes
+    dalle-proto convert mindalle 1.3B models/mindalle    # kakaobrain's minDALL-E as a model folder
 
 Training stages share one run config (YAML + `key.sub=value` overrides) and chain through its
 `out_dir`: each stage reads what the previous one wrote there.
@@ -132,6 +133,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report -> {out / 'evaluation.md'}, {out / 'evaluation.json'}, grids in {out / 'grids'}")
 
 
+def cmd_convert_mindalle(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from .mindalle import convert_mindalle
+
+    dtype = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    start = time.perf_counter()
+    try:
+        folder = convert_mindalle(args.src, args.out, dtype=dtype)
+    except (OSError, ValueError) as e:  # a missing or bad release file, an existing OUT
+        raise SystemExit(f"dalle-proto: error: {e}") from None
+    print(f"{args.src} -> {folder} in {time.perf_counter() - start:.1f} s "
+          f"(load it with --model {folder}; stage-2 weights are CC BY-NC-SA 4.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-proto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=None, help="default top-k for pipeline.json")
     ex.add_argument("--top-p", type=float, default=None, help="default top-p for pipeline.json")
     ex.set_defaults(func=cmd_export)
+
+    conv = sub.add_parser("convert", help="import a released third-party model as a model folder")
+    conv_sub = conv.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
+    md_help = "kakaobrain's minDALL-E 1.3B (the unpacked 1.3B.tar.gz) -> a model folder"
+    md = conv_sub.add_parser("mindalle", help=md_help, description=md_help + " (see dalle_proto/mindalle.py)")
+    md.add_argument("src", metavar="SRC", help="the unpacked release: config.yaml, tokenizer/, stage1_last.ckpt, "
+                                               "stage2_last.ckpt (or the folder holding 1.3B/)")
+    md.add_argument("out", metavar="OUT", help="model folder to write (must not exist or be empty)")
+    md.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
+                    help="weight dtype on disk (default: keep the checkpoints')")
+    md.set_defaults(func=cmd_convert_mindalle)
     return parser
 
 

@@ -42,7 +42,6 @@ accuracy, hard accuracy, temperature, lr) and `clip/` (config.json + model.safet
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -58,13 +57,12 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import Dataset, IterableDataset
 
+from dalle_proto.caption_perturbations import perturb_caption  # noqa: F401 (re-exported)
 from dalle_proto.checkpointing import AtomicCheckpointIO, last_checkpoint, load_training_checkpoint
 from dalle_proto.clip import ClipConfig, ClipModel
 from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.datasets.augmentation import DalleImageAugmentation
 from dalle_proto.datasets.shapes import render_caption
-from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, POSITIONS, RELATIONS, SHAPES, SIZES,
-                                                 compose_caption, is_held_out, parse_caption)
 from dalle_proto.pretrained import load_state_dict_strict
 from dalle_proto.text_tokenizer import TruncationReportedOnce
 from dalle_proto.training_callbacks import StepCheckpoint
@@ -123,72 +121,6 @@ def lr_at(config: ClipTrainConfig, step: int) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---- caption perturbations -----------------------------------------------------------------------
-def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
-                    exchanges: bool = False, copies: bool = False) -> str | None:
-    """The caption with one attribute changed (see the module docstring); None when the caption is
-    not of the shapes grammar or no valid change was found. `exchanges`: a pair may also get its two
-    objects' colours or shapes exchanged. `copies`: instead, a pair gets one object's colour or shape
-    copied onto the other, which may leave two identical objects (never a training caption, but
-    what sampled pairs often show); other captions get None."""
-    try:
-        spec = parse_caption(caption)
-    except ValueError:
-        return None
-    if copies and spec["type"] != "pair":
-        return None
-    for _ in range(10):
-        new = copy.deepcopy(spec)
-        if copies:
-            key, source = ("color", "shape")[rng.integers(2)], int(rng.integers(2))
-            new["objects"][1 - source][key] = new["objects"][source][key]
-        else:
-            _change_one(new, rng, exchanges)
-        pairs = [(o["color"], o["shape"]) for o in new["objects"]]
-        if new["type"] == "pair" and pairs[0] == pairs[1] and not copies:
-            continue  # the grammar's pairs differ in colour or shape
-        if not allow_held_out and any(is_held_out(*p) for p in pairs):
-            continue
-        text = compose_caption(new)
-        if text != caption:
-            return text
-    return None
-
-
-def _change_one(spec: dict, rng: np.random.Generator, exchanges: bool) -> None:
-    """Change one attribute of a parsed caption in place (a colour, a shape, the size, the position,
-    the relation, the objects' order, the number; with `exchanges`, a pair's colours or shapes)."""
-    objects = spec["objects"]
-    changes = ["color", "shape"]
-    if spec["type"] == "single":
-        changes += [k for k in ("size", "position") if objects[0][k] is not None]
-    elif spec["type"] == "pair":
-        # which object is where and which colour goes with which shape: what a bag of words
-        # cannot see, and what sampled pairs get wrong
-        changes += ["relation", "swap"] + (["swap_colors", "swap_shapes"] if exchanges else [])
-    else:
-        changes += ["number"]
-    change = changes[rng.integers(len(changes))]
-    obj = objects[rng.integers(len(objects))]
-    options = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
-    if change in options:
-        obj[change] = _other(rng, options[change], obj[change])
-    elif change == "relation":
-        spec["relation"] = _other(rng, list(RELATIONS), spec["relation"])
-    elif change in ("swap_colors", "swap_shapes"):
-        key = change[len("swap_"):-1]
-        objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
-    elif change == "number":
-        spec["number"] = _other(rng, list(NUMBERS.values()), spec["number"])
-    else:
-        spec["objects"] = objects[::-1]
-
-
-def _other(rng: np.random.Generator, options: list, current: Any) -> Any:
-    choices = [o for o in options if o != current]
-    return choices[rng.integers(len(choices))]
 
 
 # ---- data --------------------------------------------------------------------------------------

@@ -207,6 +207,8 @@ def _check_parts(text_tokenizer: TextTokenizer, image_tokenizer: ImageTokenizer,
     pairs = [
         (f"{TEXT_TOKENIZER_DIR}/ vocab_size", text_tokenizer.vocab_size, "text_vocab_size", t.text_vocab_size),
         (f"{TEXT_TOKENIZER_DIR}/ text_len", text_tokenizer.text_len, "text_len", t.text_len),
+        (f"{TEXT_TOKENIZER_DIR}/ pad id (None: one pad id per position)", text_tokenizer.pad_id,
+         "text_pad_id", t.text_pad_id),
         (f"{IMAGE_TOKENIZER_DIR}/ codebook size (n_embed)", image_tokenizer.codebook_size,
          "image_vocab_size", t.image_vocab_size),
         (f"{IMAGE_TOKENIZER_DIR}/ token grid", image_tokenizer.grid_size, "image_grid", t.image_grid),

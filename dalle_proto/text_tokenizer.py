@@ -28,10 +28,18 @@ The dalle_proto settings are read back from its standard fields, so they cannot 
   text_len    <- `truncation.max_length`
   bpe_dropout <- `model.dropout` (note: a raw `Tokenizer.from_file` therefore has dropout ON)
   lowercase   <- whether `normalizer` contains `Lowercase`
+  kind        <- the pre-tokenizer: `ByteLevel` is "byte_level", `BertPreTokenizer` is "char_bpe"
 The training-only knobs `min_frequency` and the requested vocabulary size are kept for the record
 under `model.dalle_proto` (the `tokenizers` loader ignores unknown keys inside `model`; a missing
 record falls back to the default), so a later stage can tell whether a config value is the one the
 saved tokenizer was trained with.
+
+kind="char_bpe" is minDALL-E's tokenizer instead (`from_char_bpe`: a CharBPE vocabulary read from
+vocab.json + merges.txt, as `tokenizers.CharBPETokenizer` builds it: BERT normaliser, lower case,
+BERT pre-tokenizer, `</w>` word suffix, `[UNK]`), with ONE pad: the `[PAD]` token, which sits inside
+the vocabulary and fills every position after the caption. Then `total_vocab_size == vocab_size`,
+`pad_id` is [PAD]'s id and the null text is text_len [PAD]s. It is loaded, never trained here, and
+has no BPE dropout.
 """
 from __future__ import annotations
 
@@ -53,6 +61,8 @@ from dalle_proto.pretrained import BadSavedFileError, atomic_write_bytes, read_t
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE always holds the 256 byte symbols
+KINDS = ("byte_level", "char_bpe")
+CHAR_BPE_PAD, CHAR_BPE_UNK, CHAR_BPE_SUFFIX = "[PAD]", "[UNK]", "</w>"  # minDALL-E's tokenizer
 _RECORD_KEY = "dalle_proto"  # our record inside tokenizer.json's `model` object
 
 
@@ -89,9 +99,17 @@ class TextTokenizerConfig:
     bpe_dropout: float = 0.1  # probability of skipping each BPE merge, training mode only
     lowercase: bool = True  # the paper tokenises the lower-cased caption
     min_frequency: int = 2  # a merge must occur this often in the corpus (training only)
+    # "byte_level": ours (byte-level BPE, one pad id per position); "char_bpe": minDALL-E's CharBPE
+    # vocabulary padded with its one [PAD] token (`TextTokenizer.from_char_bpe`; not trainable here)
+    kind: str = "byte_level"
 
     def __post_init__(self) -> None:
-        if self.vocab_size < BYTE_ALPHABET_SIZE:
+        if self.kind not in KINDS:
+            raise ValueError(f"TextTokenizerConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "char_bpe" and self.bpe_dropout != 0:
+            raise ValueError(f"TextTokenizerConfig.bpe_dropout={self.bpe_dropout}: kind='char_bpe' (minDALL-E's "
+                             "tokenizer) has no BPE dropout here; set bpe_dropout=0")
+        if self.kind == "byte_level" and self.vocab_size < BYTE_ALPHABET_SIZE:
             raise ValueError(f"TextTokenizerConfig.vocab_size={self.vocab_size}: byte-level BPE needs at "
                              f"least the {BYTE_ALPHABET_SIZE} byte symbols")
         if self.text_len < 1:
@@ -111,7 +129,14 @@ class TextTokenizer:
         self._tokenizer = tokenizer
         self.config = config
         self.requested_vocab_size = requested_vocab_size  # what training asked for (None: unknown)
-        self._pad_ids = list(range(config.vocab_size, config.vocab_size + config.text_len))
+        self.pad_id: int | None = None  # char_bpe: the id of its one [PAD]; byte_level: None (pads per position)
+        if config.kind == "char_bpe":
+            self.pad_id = tokenizer.token_to_id(CHAR_BPE_PAD)
+            if self.pad_id is None:
+                raise ValueError(f"a char_bpe text tokenizer needs the {CHAR_BPE_PAD} token in its vocabulary")
+            self._pad_ids = [self.pad_id] * config.text_len
+        else:
+            self._pad_ids = list(range(config.vocab_size, config.vocab_size + config.text_len))
         self.training = False
         self._tokenizer.model.dropout = None  # the library never drops merges: BpeMerges does, seeded
         self._merges: BpeMerges | None = None  # built on the first encode with dropout
@@ -119,7 +144,8 @@ class TextTokenizer:
     # ---- sizes -------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        """Number of BPE ids (0..vocab_size-1); pads start here."""
+        """Number of BPE ids (0..vocab_size-1); per-position pads start here (char_bpe: its [PAD] is
+        one of them)."""
         return self.config.vocab_size
 
     @property
@@ -128,7 +154,10 @@ class TextTokenizer:
 
     @property
     def total_vocab_size(self) -> int:
-        """BPE ids plus one pad per position: the size of the transformer's text embedding."""
+        """BPE ids plus one pad per position (char_bpe: the BPE ids, [PAD] among them): the size of
+        the transformer's text embedding."""
+        if self.pad_id is not None:
+            return self.config.vocab_size
         return self.config.vocab_size + self.config.text_len
 
     # ---- mode --------------------------------------------------------------------------------
@@ -218,7 +247,8 @@ class TextTokenizer:
         if bad:
             raise ValueError(f"decode: ids {bad[:5]} out of range; expected 0 <= id < total_vocab_size="
                              f"{self.total_vocab_size} (BPE ids < {self.vocab_size}, pads above)")
-        text = self._tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=False)
+        kept = [i for i in ids if i < self.vocab_size and i != self.pad_id]
+        text = self._tokenizer.decode(kept, skip_special_tokens=False)
         return text.strip()  # every word carries a leading space marker, the first one included
 
     # ---- training ----------------------------------------------------------------------------
@@ -229,6 +259,9 @@ class TextTokenizer:
 
         (Named `from_captions`, not `train`, because `train()` switches training mode as in nn.Module.)
         """
+        if config.kind != "byte_level":
+            raise ValueError(f"TextTokenizer.from_captions trains byte-level BPE only; a kind={config.kind!r} "
+                             "tokenizer is loaded with TextTokenizer.from_char_bpe(vocab.json, merges.txt)")
         tokenizer = Tokenizer(models.BPE())
         tokenizer.normalizer = _normalizer(config.lowercase)
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
@@ -247,6 +280,36 @@ class TextTokenizer:
         tokenizer.enable_truncation(max_length=config.text_len)
         true_size = tokenizer.get_vocab_size(with_added_tokens=True)
         return cls(tokenizer, dataclasses.replace(config, vocab_size=true_size), requested_vocab_size=config.vocab_size)
+
+    @classmethod
+    def from_char_bpe(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
+                      text_len: int = 64, lowercase: bool = True) -> "TextTokenizer":
+        """minDALL-E's tokenizer from its CharBPE files (bpe-16k-vocab.json, bpe-16k-merges.txt):
+        the tokenizer `CharBPETokenizer.from_file(vocab, merges, unk_token="[UNK]",
+        lowercase=lowercase)` builds, plus the special token [PAD] (appended unless the vocabulary
+        has it), truncated to text_len and padded with [PAD]. Ids equal minDALL-E's."""
+        for path in (vocab_json, merges_txt):
+            if not Path(path).is_file():
+                raise BadSavedFileError(path, "missing; expected a CharBPE vocab.json and merges.txt pair")
+        try:
+            model = models.BPE.from_file(str(vocab_json), str(merges_txt), unk_token=CHAR_BPE_UNK,
+                                         end_of_word_suffix=CHAR_BPE_SUFFIX)
+        except Exception as e:  # the tokenizers parser's error names neither file
+            raise BadSavedFileError(vocab_json, f"with {merges_txt}: not a CharBPE vocab.json + merges.txt pair "
+                                                f"({e})") from e
+        tokenizer = Tokenizer(model)
+        if tokenizer.token_to_id(CHAR_BPE_UNK) is not None:  # as CharBPETokenizer does
+            tokenizer.add_special_tokens([CHAR_BPE_UNK])
+        steps = [normalizers.BertNormalizer(lowercase=False)] + ([normalizers.Lowercase()] if lowercase else [])
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.BPEDecoder(suffix=CHAR_BPE_SUFFIX)
+        tokenizer.add_special_tokens([CHAR_BPE_PAD])
+        tokenizer.enable_truncation(max_length=text_len)
+        config = TextTokenizerConfig(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), text_len=text_len,
+                                     bpe_dropout=0.0, lowercase=lowercase, kind="char_bpe")
+        _check_ids_contiguous(tokenizer, str(vocab_json))
+        return cls(tokenizer, config)
 
     # ---- saving / loading --------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -340,12 +403,16 @@ def _config_from_json(data: dict, tokenizer: Tokenizer, source: str) -> TextToke
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{source}: expected a BPE model, got model.type={model.get('type')!r}")
-    if data.get("added_tokens"):
-        raise ValueError(f"{source}: has added_tokens {[t.get('content') for t in data['added_tokens']][:5]}; "
-                         "a dalle_proto text tokenizer has none (its pads live outside the BPE vocabulary)")
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError(f"{source}: BPE ids are not exactly 0..{len(vocab) - 1}; pads would collide")
+    kind = "byte_level" if (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel" else "char_bpe"
+    added = [t.get("content") for t in data.get("added_tokens") or []]
+    if kind == "byte_level" and added:
+        raise ValueError(f"{source}: has added_tokens {added[:5]}; a byte-level dalle_proto text tokenizer "
+                         "has none (its pads live outside the BPE vocabulary)")
+    if kind == "char_bpe" and CHAR_BPE_PAD not in added:
+        raise ValueError(f"{source}: a char_bpe tokenizer (pre-tokenizer "
+                         f"{(data.get('pre_tokenizer') or {}).get('type')!r}) needs the {CHAR_BPE_PAD} added token; "
+                         f"found added_tokens {added[:5]}")
+    vocab = _check_ids_contiguous(tokenizer, source)
     truncation = data.get("truncation") or {}
     if not isinstance(truncation.get("max_length"), int):
         raise ValueError(f"{source}: missing truncation.max_length, which holds dalle_proto's text_len")
@@ -360,4 +427,12 @@ def _config_from_json(data: dict, tokenizer: Tokenizer, source: str) -> TextToke
         bpe_dropout=float(model.get("dropout") or 0.0),
         lowercase=any(step.get("type") == "Lowercase" for step in steps),
         min_frequency=int(record.get("min_frequency", TextTokenizerConfig.min_frequency)),
+        kind=kind,
     )
+
+
+def _check_ids_contiguous(tokenizer: Tokenizer, source: str) -> dict[str, int]:
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"{source}: BPE ids are not exactly 0..{len(vocab) - 1}; pads would collide")
+    return vocab

@@ -15,6 +15,12 @@ Attention: text -> text causal, every image token sees all text, image -> image 
 paper's sparse masks (`attention_masks.py`). Pre-LayerNorm blocks (optionally CogView's sandwich
 LN), GELU MLP, GPT-2 init. The KV-cache entry points used by `sampling.py` are `prefill_text` and
 `decode_image_token`; they share every weight and mask with `forward`.
+
+Two options express minDALL-E's stage-2 GPT (`mindalle.py` converts its weights; with
+`attention="full"` it is the same network): `text_pad_id` (its text tokenizer pads with one [PAD]
+id inside the BPE vocabulary, so the text vocabulary is V, not V + T, and the null text is T
+[PAD]s) and `image_position="raster"` (one learned embedding per raster position instead of a
+row plus a column embedding). Its layout is already ours: text position T-1 predicts image token 0.
 """
 from __future__ import annotations
 
@@ -57,6 +63,11 @@ class TransformerConfig:
     image_loss_weight: float = 7 / 8
     tie_embeddings: bool = False  # output heads share the input embedding tables
     sandwich_norm: bool = False  # CogView: LayerNorm also on each sublayer's output
+    # None (the paper): position i of a short caption is padded with its own id V + i; an id < V:
+    # the tokenizer pads every position with this one id of its vocabulary (minDALL-E's [PAD])
+    text_pad_id: int | None = None
+    # "row_column": a row embedding plus a column embedding; "raster": one per position (minDALL-E)
+    image_position: str = "row_column"
 
     def __post_init__(self):
         for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "dim", "depth",
@@ -77,6 +88,12 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.conv_kernel must be odd and >= 1, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.text_pad_id is not None and not 0 <= self.text_pad_id < self.text_vocab_size:
+            raise ValueError(f"TransformerConfig.text_pad_id must be None or in [0, text_vocab_size="
+                             f"{self.text_vocab_size}), got {self.text_pad_id}")
+        if self.image_position not in ("row_column", "raster"):
+            raise ValueError(f"TransformerConfig.image_position must be 'row_column' or 'raster', "
+                             f"got {self.image_position!r}")
 
     @property
     def bidirectional_text(self) -> bool:
@@ -84,8 +101,8 @@ class TransformerConfig:
 
     @property
     def text_total_vocab(self) -> int:
-        """Text classes: V BPE ids + one pad id per text position."""
-        return self.text_vocab_size + self.text_len
+        """Text classes: V BPE ids + one pad id per text position (V when text_pad_id is set)."""
+        return self.text_vocab_size + (self.text_len if self.text_pad_id is None else 0)
 
     @property
     def image_len(self) -> int:
@@ -213,8 +230,13 @@ class DalleTransformer(nn.Module):
         self.text_embedding = nn.Embedding(c.text_total_vocab, c.dim)
         self.text_position = nn.Parameter(torch.zeros(c.text_len, c.dim))
         self.image_embedding = nn.Embedding(c.image_vocab_size, c.dim)
-        self.image_row = nn.Parameter(torch.zeros(c.image_grid, c.dim))
-        self.image_column = nn.Parameter(torch.zeros(c.image_grid, c.dim))
+        if c.image_position == "raster":
+            self.image_position = nn.Parameter(torch.zeros(c.image_len, c.dim))
+            positions = (self.image_position,)
+        else:
+            self.image_row = nn.Parameter(torch.zeros(c.image_grid, c.dim))
+            self.image_column = nn.Parameter(torch.zeros(c.image_grid, c.dim))
+            positions = (self.image_row, self.image_column)
         self.embed_dropout = nn.Dropout(c.dropout)
         self.kinds = layer_attention_kinds(c.depth, c.attention)
         self.blocks = nn.ModuleList(Block(c, kind) for kind in self.kinds)
@@ -240,7 +262,7 @@ class DalleTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.proj.weight")):  # GPT-2: scale residual writes
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.depth))
-        for p in (self.text_position, self.image_row, self.image_column):
+        for p in (self.text_position, *positions):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
     @staticmethod
@@ -267,8 +289,11 @@ class DalleTransformer(nn.Module):
             self._dense = previous
 
     def null_text_ids(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """(B, T) all-pad text (ids V + i): the empty caption, the null condition for guidance."""
+        """(B, T) all-pad text (ids V + i, or text_pad_id everywhere): the empty caption, the null
+        condition for guidance."""
         c = self.config
+        if c.text_pad_id is not None:
+            return torch.full((batch, c.text_len), c.text_pad_id, dtype=torch.long, device=device)
         ids = torch.arange(c.text_vocab_size, c.text_total_vocab, device=device)
         return ids.unsqueeze(0).expand(batch, -1).clone()
 
@@ -287,7 +312,9 @@ class DalleTransformer(nn.Module):
     def _embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         return self.text_embedding(text_ids) + self.text_position
 
-    def _image_position(self) -> torch.Tensor:  # (N, D): row embedding + column embedding
+    def _image_position(self) -> torch.Tensor:  # (N, D): row embedding + column embedding, or raster
+        if self.config.image_position == "raster":
+            return self.image_position
         g = self.config.image_grid
         return (self.image_row[:, None, :] + self.image_column[None, :, :]).reshape(g * g, -1)
 
@@ -357,7 +384,10 @@ class DalleTransformer(nn.Module):
     def decode_image_token(self, image_token: torch.Tensor, index: int, cache) -> torch.Tensor:
         """Feed image token `index` (B,) after the cached prefix; -> logits (B, Vi) for index + 1."""
         c = self.config
-        pos_emb = self.image_row[index // c.image_grid] + self.image_column[index % c.image_grid]  # (D,)
+        if c.image_position == "raster":
+            pos_emb = self.image_position[index]  # (D,)
+        else:
+            pos_emb = self.image_row[index // c.image_grid] + self.image_column[index % c.image_grid]  # (D,)
         x = (self.image_embedding(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
         return self._cached_step(x, c.text_len + index, cache)  # (B, Vi)
 

@@ -12,6 +12,9 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
 - BPE dropout: `TextTokenizer` in train mode, drawing from a generator seeded by (seed, step, slot)
   per sample (`bpe_dropout.py`), so a caption's pieces, like its caption-dropout coin, depend only on
   where it sits in the run. Validation always encodes in eval mode, without dropout.
+- caption-contrast negatives (`contrast=True`): per sample, the caption with one attribute changed
+  through the shapes grammar (`caption_perturbations.py`, exchanges included), from a generator
+  seeded by (seed, step, slot); a caption outside the grammar, or a dropped one, gets none.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dalle_proto.caption_perturbations import perturb_caption
 from dalle_proto.text_tokenizer import TruncationReportedOnce
 
 # separate random streams per purpose, so adding one never shifts another
-_ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT = 0, 1, 2, 3
+_ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST = 0, 1, 2, 3, 4
 
 
 def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
@@ -126,13 +130,16 @@ class KeyedDataset(Dataset):
 
 class CaptionCollate:
     """Samples -> {"text_ids": (B, T), "image_ids": (B, N)}; tokenises the captions here, in the
-    data pipeline (and so in the workers), with BPE dropout and caption dropout when `train`."""
+    data pipeline (and so in the workers), with BPE dropout and caption dropout when `train`.
+    With `contrast`, also "contrast_text_ids" (M, T): perturbed captions, and "contrast_index" (M,):
+    the batch row each belongs to (M <= B; see the module docstring)."""
 
-    def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int):
+    def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int,
+                 contrast: bool = False):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.text_tokenizer, self.train = text_tokenizer, train
-        self.caption_dropout, self.seed = caption_dropout, seed
+        self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
         self.null_ids = torch.arange(text_tokenizer.vocab_size, text_tokenizer.total_vocab_size)  # (T,)
         self.report_truncation = TruncationReportedOnce(f"this run's {'training' if train else 'validation'} batches")
 
@@ -147,7 +154,28 @@ class CaptionCollate:
             drop = torch.tensor([self.drops_caption(step, slot) for step, slot in zip(steps, slots)])
             text_ids[drop] = self.null_ids
         image_ids = torch.stack(images).long().flatten(1)  # (B, h*w), raster order
-        return {"text_ids": text_ids, "image_ids": image_ids}
+        batch = {"text_ids": text_ids, "image_ids": image_ids}
+        if self.contrast:
+            dropped = drop.tolist() if self.train and self.caption_dropout > 0 else [False] * len(captions)
+            batch.update(self.negatives(steps, slots, captions, dropped))
+        return batch
+
+    def negatives(self, steps, slots, captions, dropped) -> dict[str, torch.Tensor]:
+        index, texts = [], []
+        for row, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
+            if not dropped[row]:
+                text = perturb_caption(caption, step_rng(self.seed, step, slot, _CONTRAST), exchanges=True)
+                if text is not None:
+                    index.append(row)
+                    texts.append(text)
+        if not texts:
+            return {"contrast_text_ids": torch.zeros(0, self.text_tokenizer.text_len, dtype=torch.long),
+                    "contrast_index": torch.zeros(0, dtype=torch.long)}
+        # eval mode: a negative differs from its caption in a word, not in how BPE dropout split it
+        with self.report_truncation():
+            ids = self.text_tokenizer.train(False).encode(texts)  # (M, T)
+        self.text_tokenizer.train(self.train)
+        return {"contrast_text_ids": ids, "contrast_index": torch.tensor(index, dtype=torch.long)}
 
     def drops_caption(self, step: int, slot: int) -> bool:
         return bool(step_rng(self.seed, step, slot, _CAPTION_DROPOUT).random() < self.caption_dropout)
@@ -170,13 +198,15 @@ class TokenCacheBatches(pl.LightningDataModule):
 
     def __init__(self, text_tokenizer: Any, train_cache: Dataset, train_indices: Sequence[int],
                  val_cache: Dataset | None, val_indices: Sequence[int], *, batch_size: int, steps: int,
-                 seed: int, caption_dropout: float, val_batches: int, num_workers: int):
+                 seed: int, caption_dropout: float, val_batches: int, num_workers: int,
+                 contrast: bool = False):
         super().__init__()
         self.text_tokenizer = text_tokenizer
         self.train_cache, self.train_indices = train_cache, list(train_indices)
         self.val_cache, self.val_indices = val_cache, list(val_indices)
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.caption_dropout, self.val_batches, self.num_workers = caption_dropout, val_batches, num_workers
+        self.contrast = contrast
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -185,7 +215,7 @@ class TokenCacheBatches(pl.LightningDataModule):
                                    start_step=lambda: trainer.global_step)  # restored before iteration
         return ResumableDataLoader(
             KeyedDataset(self.train_cache), batch_sampler=sampler, num_workers=self.num_workers,
-            collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed),
+            collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed, self.contrast),
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -195,5 +225,5 @@ class TokenCacheBatches(pl.LightningDataModule):
         sampler = FixedBatchSampler(self.val_indices, self.batch_size, self.val_batches,
                                     trainer.global_rank, trainer.world_size)
         return DataLoader(KeyedDataset(self.val_cache), batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed),
+                          collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed, self.contrast),
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)

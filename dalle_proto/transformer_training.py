@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -65,6 +66,10 @@ class TransformerTrainConfig:
     plateau_max_halvings: int = 5  # the paper halves 5 times
     ema_decay: float = 0.999  # 0 disables the EMA
     caption_dropout: float = 0.1  # share of captions replaced by the null text (classifier-free guidance)
+    # caption contrast (TransformerLoss): softplus(-beta * (log p(x | caption) - log p(x | perturbed)))
+    contrast_weight: float = 0.0  # 0 disables; needs captions of the shapes grammar
+    contrast_beta: float = 0.1  # per nat of the summed image log-likelihood ratio
+    init_from: str | None = None  # a transformer folder, or a pipeline folder with transformer/: start from its weights
     precision: str = "bf16-mixed"  # "32-true" for exactness tests; any Lightning precision string
     val_every: int = 500  # steps between validations; 0 disables validation
     val_batches: int = 8  # per validation, per device
@@ -95,6 +100,7 @@ class TransformerTrainConfig:
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (0 <= self.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
+            (self.contrast_weight >= 0 and self.contrast_beta > 0, "contrast_weight must be >= 0, contrast_beta > 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (min(self.val_every, self.val_batches, self.sample_every, self.grad_clip, self.num_workers) >= 0,
@@ -137,14 +143,43 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 
 
 class TransformerLoss(torch.nn.Module):
-    """`forward` = DalleTransformer.loss, so that a wrapper (FSDP) that acts in forward sees the loss."""
+    """`forward` = DalleTransformer.loss, so that a wrapper (FSDP) that acts in forward sees the loss.
 
-    def __init__(self, transformer: DalleTransformer):
+    With contrast captions (`contrast_text_ids` (M, T) for rows `contrast_index` (M,)) and
+    `contrast_weight` w > 0, adds w * mean softplus(-beta * delta), delta = log p(x | caption) -
+    log p(x | perturbed caption), each the sum over the image's tokens: the image must be likelier
+    under its own caption than under one with, say, its two colours exchanged, which the plain
+    likelihood barely asks of a model that reads captions as a bag of words. Like Condition
+    Contrastive Alignment (arXiv 2410.09347), without its frozen reference model: the cross-entropy
+    keeps p(x | caption) a likelihood while the contrast sharpens the conditioning. The perturbed
+    rows ride in the same forward pass (batch B + M)."""
+
+    def __init__(self, transformer: DalleTransformer, contrast_weight: float = 0.0, contrast_beta: float = 0.1):
         super().__init__()
         self.transformer = transformer
+        self.contrast_weight, self.contrast_beta = contrast_weight, contrast_beta
 
-    def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return self.transformer.loss(text_ids, image_ids)
+    def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor, contrast_text_ids: torch.Tensor | None = None,
+                contrast_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        if contrast_text_ids is None or len(contrast_text_ids) == 0:
+            return self.transformer.loss(text_ids, image_ids)
+        b, c = len(text_ids), self.transformer.config
+        text_logits, image_logits = self.transformer(torch.cat([text_ids, contrast_text_ids]),
+                                                     torch.cat([image_ids, image_ids[contrast_index]]))
+        targets = torch.cat([image_ids, image_ids[contrast_index]])  # (B + M, N)
+        nll = F.cross_entropy(image_logits.float().flatten(0, 1), targets.flatten(),
+                              reduction="none").view_as(targets)  # (B + M, N)
+        image_loss = nll[:b].mean()
+        if c.text_loss_weight > 0:
+            text_loss = F.cross_entropy(text_logits[:b].float().flatten(0, 1), text_ids[:, 1:].flatten())
+        else:
+            text_loss = image_loss.new_zeros(())
+        delta = nll[b:].sum(1) - nll[:b][contrast_index].sum(1)  # (M,) log p(x|c) - log p(x|c')
+        contrast = F.softplus(-self.contrast_beta * delta).mean()
+        loss = c.text_loss_weight * text_loss + c.image_loss_weight * image_loss + self.contrast_weight * contrast
+        return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach(),
+                      "contrast_loss": contrast.detach(), "contrast_acc": (delta > 0).float().mean().detach(),
+                      "contrast_delta": delta.mean().detach()}
 
 
 class TransformerLightningModule(pl.LightningModule):
@@ -154,8 +189,9 @@ class TransformerLightningModule(pl.LightningModule):
     def __init__(self, transformer: DalleTransformer, config: TransformerTrainConfig):
         super().__init__()
         self.config = config
-        self.model = TransformerLoss(transformer)
-        self.ema_model = (TransformerLoss(copy.deepcopy(transformer).requires_grad_(False))
+        contrast = dict(contrast_weight=config.contrast_weight, contrast_beta=config.contrast_beta)
+        self.model = TransformerLoss(transformer, **contrast)
+        self.ema_model = (TransformerLoss(copy.deepcopy(transformer).requires_grad_(False), **contrast)
                           if config.ema_decay > 0 else None)
         self.plateau = {"best": math.inf, "bad_validations": 0, "halvings": 0}
         self._val_sums: dict[str, torch.Tensor] = {}
@@ -185,10 +221,10 @@ class TransformerLightningModule(pl.LightningModule):
         # dropout draws from torch's global RNG: seed it from (seed, step, rank) so a resumed run
         # draws what the uninterrupted run drew, without saving RNG states
         torch.manual_seed(step_seed(self.config.seed, self.global_step, self.global_rank))
-        loss, parts = self.model(batch["text_ids"], batch["image_ids"])
+        loss, parts = self.model(**batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/text_loss", parts["text_loss"], prog_bar=True)
-        self.log("train/image_loss", parts["image_loss"], prog_bar=True)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("text_loss", "image_loss", "contrast_acc"))
         self.log("lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"], prog_bar=True)
         return loss
 
@@ -230,7 +266,7 @@ class TransformerLightningModule(pl.LightningModule):
         for suffix, model in models.items():
             if model is None:
                 continue
-            loss, parts = model(batch["text_ids"], batch["image_ids"])
+            loss, parts = model(**batch)
             for name, value in {"loss": loss, **parts}.items():
                 key = f"val/{name}{suffix}"
                 self._val_sums[key] = self._val_sums.get(key, 0.0) + value.detach().float()
@@ -292,11 +328,14 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     data = TokenCacheBatches(text_tokenizer, train_cache, train_indices, val_cache, val_indices,
                              batch_size=c.batch_size, steps=c.steps, seed=c.seed,
                              caption_dropout=c.caption_dropout, val_batches=c.val_batches if validates else 0,
-                             num_workers=c.num_workers)
+                             num_workers=c.num_workers, contrast=c.contrast_weight > 0)
 
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start
-    module = TransformerLightningModule(DalleTransformer(transformer_config), c)
+    transformer = DalleTransformer(transformer_config)
+    if c.init_from is not None:  # on a resume, last.ckpt then replaces these weights
+        _init_from(transformer, c.init_from)
+    module = TransformerLightningModule(transformer, c)
     checkpoint_dir = out_dir / "checkpoints"
     all_callbacks: list[pl.Callback] = [StepCheckpoint(
         checkpoint_dir, c.checkpoint_every, validation_due=lambda step: validates and step % c.val_every == 0)]
@@ -308,7 +347,7 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     trainer = pl.Trainer(
         accelerator=c.accelerator, devices=c.devices, num_nodes=c.num_nodes, strategy=_strategy(c),
         precision=c.precision, max_steps=c.steps, max_epochs=-1,
-        val_check_interval=c.val_every if validates else 1.0, check_val_every_n_epoch=None,
+        val_check_interval=c.val_every if validates else c.steps, check_val_every_n_epoch=None,
         limit_val_batches=c.val_batches if validates else 0,
         num_sanity_val_steps=min(2, c.val_batches) if validates else 0,
         log_every_n_steps=c.log_every, logger=CSVLogger(out_dir, name="logs"),
@@ -358,6 +397,22 @@ def _export(transformer_config: TransformerConfig, config: TransformerTrainConfi
         model.save_pretrained(folder)
         rank_zero_info(f"exported the {'EMA' if config.ema_decay > 0 else 'final'} weights to {folder}")
     return model.eval()
+
+
+def _init_from(model: DalleTransformer, path: str) -> None:
+    """Load the weights of a saved transformer (or a pipeline folder's transformer/) into `model`,
+    whose config must be the saved one's: fine-tuning starts from them."""
+    folder = Path(path)
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    source = DalleTransformer.from_pretrained(folder)  # names a missing or broken file itself
+    if source.config != model.config:
+        differ = {k: (v, getattr(model.config, k)) for k, v in vars(source.config).items()
+                  if getattr(model.config, k) != v}
+        raise ValueError(f"training.init_from={path}: its transformer config differs from this run's in "
+                         + ", ".join(f"{k} ({saved} saved, {ours} here)" for k, (saved, ours) in differ.items()))
+    model.load_state_dict(source.state_dict())
+    rank_zero_info(f"initialised the transformer from {folder}")
 
 
 def _check_compatible(config: TransformerConfig, text_tokenizer: Any, train_cache: Any, val_cache: Any,

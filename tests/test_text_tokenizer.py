@@ -292,3 +292,28 @@ def test_bad_input_errors():
         TextTokenizer.from_captions([], TextTokenizerConfig())
     with pytest.raises(TypeError, match="caption 1: expected str, got int"):
         TextTokenizer.from_captions(["a red circle", 3], TextTokenizerConfig())
+
+
+def test_char_bpe_kind_pads_with_one_token_and_round_trips(tmp_path):
+    """kind="char_bpe" (minDALL-E's tokenizer, loaded from vocab.json + merges.txt): [PAD] fills
+    every position after the caption; tests/test_mindalle.py checks its ids against minDALL-E's."""
+    from tokenizers import CharBPETokenizer
+
+    bpe = CharBPETokenizer(unk_token="[UNK]", lowercase=True)
+    bpe.train_from_iterator(CAPTIONS, vocab_size=100, min_frequency=1, special_tokens=["[UNK]"], show_progress=False)
+    vocab, merges = bpe.save_model(str(tmp_path), "bpe")
+    tok = TextTokenizer.from_char_bpe(vocab, merges, text_len=8)
+    assert tok.config.kind == "char_bpe" and tok.pad_id == tok.vocab_size - 1  # [PAD] appended
+    assert tok.total_vocab_size == tok.vocab_size
+    ids = tok.encode(["A Red circle", "a red circle"])
+    assert torch.equal(ids[0], ids[1]) and ids[0, -1] == tok.pad_id
+    assert torch.equal(tok.null_ids(), torch.full((8,), tok.pad_id))
+    assert tok.decode(ids[0]) == "a red circle"
+    tok.save_pretrained(tmp_path / "saved")
+    loaded = TextTokenizer.from_pretrained(tmp_path / "saved")
+    assert loaded.config == tok.config and loaded.pad_id == tok.pad_id
+    assert torch.equal(loaded.encode("a red circle"), ids[0])
+    with pytest.raises(ValueError, match="kind='char_bpe'.*no BPE dropout"):
+        TextTokenizerConfig(kind="char_bpe", bpe_dropout=0.1)
+    with pytest.raises(ValueError, match="from_char_bpe"):
+        TextTokenizer.from_captions(CAPTIONS, TextTokenizerConfig(kind="char_bpe", bpe_dropout=0.0))

@@ -181,3 +181,31 @@ def test_loading_weights_of_another_size_fails_loudly(tmp_path):
     config_file.write_text(config_file.read_text().replace('"dim": 48', '"dim": 32'))
     with pytest.raises(ValueError, match="shape mismatches"):
         DalleTransformer.from_pretrained(tmp_path / "t")
+
+
+def test_one_pad_id_and_raster_positions_minDALL_E_layout(tmp_path):
+    """text_pad_id: the text vocabulary is V (its pad id among it); image_position="raster": one
+    learned position per image token. The KV-cache steps still equal the forward pass."""
+    c = small_config(attention="full", text_pad_id=49, image_position="raster")
+    model = DalleTransformer(c).eval()
+    assert c.text_total_vocab == 50 and model.text_head.out_features == 50
+    assert model.image_position.shape == (16, 32) and not hasattr(model, "image_row")
+    assert model.null_text_ids(2).tolist() == [[49] * 5] * 2
+    text, image = random_batch(c)
+    text_logits, image_logits = model(text, image)
+    assert text_logits.shape == (2, 4, 50)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        cached = [model.prefill_text(text, cache)] + [model.decode_image_token(image[:, j], j, cache)
+                                                      for j in range(c.image_len - 1)]
+    torch.testing.assert_close(torch.stack(cached, dim=1), image_logits, atol=1e-5, rtol=1e-5)
+    image2 = image.clone()
+    image2[:, 3] = (image2[:, 3] + 1) % c.image_vocab_size  # causal: the logits for tokens 0..3 stay
+    assert torch.equal(model(text, image2)[1][:, :4], image_logits[:, :4])
+    model.save_pretrained(tmp_path / "t")
+    loaded = DalleTransformer.from_pretrained(tmp_path / "t").eval()
+    assert loaded.config == c and torch.equal(loaded(text, image)[1], image_logits)
+    with pytest.raises(ValueError, match=r"text_pad_id must be None or in \[0, text_vocab_size=50\)"):
+        small_config(text_pad_id=50)
+    with pytest.raises(ValueError, match="image_position must be 'row_column' or 'raster'"):
+        small_config(image_position="1d")

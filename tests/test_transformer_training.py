@@ -284,3 +284,96 @@ def test_fsdp_strategy_wraps_blocks_and_each_copy_as_its_own_unit():
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block, TransformerLoss}
     assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
     assert _strategy(TransformerTrainConfig(strategy="ddp")) == "ddp"
+
+
+# ---- caption contrast and init_from ---------------------------------------------------------------
+def test_contrast_negatives_are_seeded_perturbations_and_skip_dropped_or_foreign_captions(world):
+    tok = world["text_tokenizer"]
+    captions = ["a red circle to the left of a blue square", "three yellow triangles", "a photo of my cat"]
+    samples = [(7, slot, torch.zeros(8, 8, dtype=torch.int16), c) for slot, c in enumerate(captions)]
+    batch = CaptionCollate(tok, True, 0.0, seed=3, contrast=True)(samples)
+    assert batch["contrast_index"].tolist() == [0, 1]  # the cat is outside the grammar
+    assert batch["contrast_text_ids"].shape == (2, tok.text_len)
+    for row, ids in zip(batch["contrast_index"].tolist(), batch["contrast_text_ids"]):
+        assert not torch.equal(ids, batch["text_ids"][row])
+        negative = tok.decode(ids.tolist())
+        assert negative != captions[row] and sorted(negative.split()) != [] and "cat" not in negative
+    again = CaptionCollate(tok, True, 0.0, seed=3, contrast=True)(samples)
+    assert torch.equal(again["contrast_text_ids"], batch["contrast_text_ids"])  # a function of (seed, step, slot)
+    other_step = CaptionCollate(tok, True, 0.0, seed=3, contrast=True)([(8, *s[1:]) for s in samples])
+    assert other_step["contrast_index"].tolist() == [0, 1]
+    # dropped captions (the null text) get no negative
+    dropped = CaptionCollate(tok, True, 0.99, seed=3, contrast=True)(samples)
+    assert dropped["contrast_index"].tolist() == []
+    assert dropped["contrast_text_ids"].shape == (0, tok.text_len)
+    assert "contrast_text_ids" not in CaptionCollate(tok, True, 0.0, seed=3)(samples)
+
+
+def test_contrast_loss_is_the_log_likelihood_ratio_of_caption_and_negative(world):
+    from dalle_proto.transformer_training import TransformerLoss
+
+    torch.manual_seed(0)
+    model = DalleTransformer(world["config"]).eval()
+    loss_fn = TransformerLoss(model, contrast_weight=0.5, contrast_beta=0.2)
+    c = world["config"]
+    text = torch.randint(0, c.text_vocab_size, (3, c.text_len))
+    image = torch.randint(0, c.image_vocab_size, (3, c.image_len))
+    negatives, index = torch.randint(0, c.text_vocab_size, (2, c.text_len)), torch.tensor([2, 0])
+    with torch.no_grad():
+        loss, parts = loss_fn(text, image, negatives, index)
+        plain, plain_parts = model.loss(text, image)
+
+        def log_likelihood(t, x):  # summed over the image tokens, one row at a time
+            _, logits = model(t[None], x[None])
+            return -torch.nn.functional.cross_entropy(logits[0].float(), x, reduction="sum")
+        delta = torch.stack([log_likelihood(text[r], image[r]) - log_likelihood(negatives[j], image[r])
+                             for j, r in enumerate(index.tolist())])
+    assert torch.allclose(parts["image_loss"], plain_parts["image_loss"], atol=1e-5)
+    assert torch.allclose(parts["text_loss"], plain_parts["text_loss"], atol=1e-5)
+    expected_contrast = torch.nn.functional.softplus(-0.2 * delta).mean()
+    assert torch.allclose(parts["contrast_loss"], expected_contrast, atol=1e-4)
+    assert torch.allclose(loss, plain + 0.5 * expected_contrast, atol=1e-4)
+    assert parts["contrast_acc"].item() == (delta > 0).float().mean().item()
+    # no negatives in the batch: exactly the plain loss
+    empty = loss_fn(text, image, negatives[:0], index[:0])[0]
+    assert torch.equal(empty, model.loss(text, image)[0])
+
+
+def test_contrast_loss_raises_the_margin_on_one_batch_and_training_logs_it(world, tmp_path):
+    from dalle_proto.transformer_training import TransformerLoss
+
+    tok, c = world["text_tokenizer"], world["config"]
+    samples = [(0, slot, world["cache"][i][0], world["cache"][i][1]) for slot, i in enumerate(range(8))]
+    batch = CaptionCollate(tok, False, 0.0, seed=0, contrast=True)(samples)
+    margins = {}
+    for weight in (0.0, 1.0):  # the same 40 Adam steps on one batch, with and without the contrast
+        torch.manual_seed(0)
+        loss_fn = TransformerLoss(DalleTransformer(c).eval(), contrast_weight=weight, contrast_beta=0.5)
+        optimizer = torch.optim.Adam(loss_fn.parameters(), lr=3e-3)
+        for _ in range(40):
+            optimizer.zero_grad()
+            loss_fn(**batch)[0].backward()
+            optimizer.step()
+        margins[weight] = loss_fn(**batch)[1]["contrast_delta"].item()
+    assert margins[1.0] > margins[0.0] + 5.0 and margins[1.0] > 5.0
+
+    config = fast_config(steps=4, contrast_weight=1.0, caption_dropout=0.0)
+    train_transformer(c, config, tok, world["cache"], None, tmp_path)
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").glob("version_*/metrics.csv")))))
+    assert any(r.get("val/contrast_delta") for r in rows) and any(r.get("train/contrast_acc") for r in rows)
+
+
+def test_init_from_starts_from_saved_weights_and_refuses_another_shape(world, tmp_path):
+    torch.manual_seed(5)
+    saved = DalleTransformer(world["config"])
+    saved.save_pretrained(tmp_path / "pipe" / "transformer")
+    config = fast_config(steps=1, lr=1e-12, warmup_steps=1, ema_decay=0.0, val_every=0, caption_dropout=0.0,
+                         init_from=str(tmp_path / "pipe"))
+    tuned = train_transformer(world["config"], config, world["text_tokenizer"], world["cache"], None, tmp_path / "a")
+    # one step at lr 1e-12 leaves the saved weights (to float precision); a fresh seed-3 init would not
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(saved.state_dict().values(), tuned.state_dict().values()))
+    other = TransformerConfig.from_size("tiny", text_vocab_size=world["config"].text_vocab_size, depth=1)
+    with pytest.raises(ValueError, match=r"init_from=.*depth \(1 saved, 2 here\)"):
+        DalleTransformer(other).save_pretrained(tmp_path / "shallow")
+        train_transformer(world["config"], fast_config(init_from=str(tmp_path / "shallow")), world["text_tokenizer"],
+                          world["cache"], None, tmp_path / "b")
