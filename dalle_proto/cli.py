@@ -59,7 +59,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     config = _load_run_config(args)
     stages.check_overrides(args.stage, config, args.overrides)
-    getattr(stages, args.stage)(config)
+    try:
+        getattr(stages, args.stage)(config)
+    except (FileNotFoundError, ValueError) as e:  # a missing part, a bad saved file, parts that disagree
+        raise SystemExit(f"dalle-proto: error: {e}") from None
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes"

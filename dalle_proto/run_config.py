@@ -3,7 +3,9 @@
 Sections are the components' own config dataclasses, so a key means the same thing in a YAML file,
 on the command line (`transformer.depth=4`) and in a saved `config.json`. Stages chain through
 `out_dir`: `text_tokenizer/`, `image_tokenizer/`, `token_cache/{train,eval}/`, `transformer/`,
-`clip/`.
+`clip/`. With `init_from` (a pipeline folder), `encode` copies that folder's tokenizers into
+`out_dir` and `train` starts from its transformer, so a converted or shipped model is fine-tuned
+with the same two commands.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ class RunConfig:
     image_tokenizer_training: ImageTokenizerTrainConfig = field(default_factory=ImageTokenizerTrainConfig)
     # a saved image tokenizer folder (save_pretrained) to use instead of out_dir/image_tokenizer
     image_tokenizer_path: str | None = None
+    # a pipeline folder to fine-tune (e.g. one `dalle-proto convert mindalle` wrote): its text
+    # tokenizer, image tokenizer, transformer config and weights are this run's (stages.py)
+    init_from: str | None = None
     transformer: TransformerSection = field(default_factory=TransformerSection)
     training: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
     # the CLIP reranker (train-clip): text_vocab_size, text_len and image_size come from the trained

@@ -16,6 +16,12 @@ Each stage takes the run config and reads what earlier stages wrote under `out_d
 
 Re-running a stage resumes it from its last checkpoint.
 
+Fine-tuning a saved pipeline (`init_from=FOLDER`, e.g. what `dalle-proto convert mindalle` wrote):
+`encode` copies FOLDER's text_tokenizer/, image_tokenizer/ (and pipeline.json) into out_dir and
+encodes the data with that image tokenizer; `train` takes FOLDER's transformer config and starts from
+its weights. The two tokenizer-training stages refuse to run, and an override of the transformer
+section at `train` fails unless it equals the saved value: the saved parts are in force.
+
 A dotted override must take effect or fail (`check_overrides`): an override of a value that a saved
 part fixes (the text tokenizer's `bpe_dropout` at `train`, say) is an error naming the value in force
 and its file, unless it equals that value; an override of a section the stage does not read at all
@@ -25,6 +31,7 @@ that one command line can still be passed to every stage.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from functools import reduce
 from pathlib import Path
@@ -42,11 +49,11 @@ from .run_config import RunConfig
 
 # the top-level keys of the run config that each stage reads; the rest belongs to other stages
 STAGE_READS = {
-    "train_text_tokenizer": ("out_dir", "data", "text_tokenizer"),
+    "train_text_tokenizer": ("out_dir", "data", "text_tokenizer", "init_from"),
     "train_image_tokenizer": ("out_dir", "data", "image_tokenizer", "image_tokenizer_training",
-                              "image_tokenizer_path"),
-    "encode": ("out_dir", "data", "image_tokenizer_path"),
-    "train": ("out_dir", "transformer", "training", "image_tokenizer_path"),
+                              "image_tokenizer_path", "init_from"),
+    "encode": ("out_dir", "data", "image_tokenizer_path", "init_from"),
+    "train": ("out_dir", "transformer", "training", "image_tokenizer_path", "init_from"),
     "train_clip": ("out_dir", "data", "clip", "clip_training"),
 }
 
@@ -96,10 +103,72 @@ def _value_in_force(stage: str, config: RunConfig, key: str) -> tuple[Any, str] 
         values = read_json_object(path, f"the {CONFIG_NAME} written by ImageTokenizer.save_pretrained")
         top = name.split(".")[0]
         return (values[top], str(path)) if top in values else None
+    if section == "transformer" and stage == "train" and name and config.init_from:
+        path = Path(config.init_from) / "transformer" / "config.json"
+        saved = _read_saved_config(path)
+        return (saved.get(name.split(".")[0], f"(no {name} in {path.name}: the saved architecture)"), str(path))
     derived = {"text_vocab_size", "text_len", "image_vocab_size", "image_grid"}
     if section == "transformer" and stage == "train" and name in derived:
         return _derived_transformer_value(config, name)
     return None
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    from .pretrained import CONFIG_NAME, read_json_object
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected the {CONFIG_NAME} that save_pretrained writes")
+    return read_json_object(path, f"the {CONFIG_NAME} written by save_pretrained")
+
+
+# ---- init_from: fine-tune a saved pipeline ---------------------------------------------------------
+_PARTS_COPIED = ("text_tokenizer", "image_tokenizer")
+
+
+def init_from_folder(config: RunConfig) -> Path | None:
+    """config.init_from as a checked pipeline folder (None when unset)."""
+    if config.init_from is None:
+        return None
+    folder = Path(config.init_from)
+    missing = [f"{p}/" for p in (*_PARTS_COPIED, "transformer") if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"init_from={config.init_from}: not a pipeline folder ({', '.join(missing)} "
+                                "missing); expected what save_pretrained, export or `convert mindalle` writes")
+    if config.image_tokenizer_path:
+        raise ValueError(f"init_from={config.init_from} and image_tokenizer_path={config.image_tokenizer_path} "
+                         "are both set; init_from brings its own image tokenizer: unset one of them")
+    return folder
+
+
+def _refuse_with_init_from(config: RunConfig, part: str) -> None:
+    if config.init_from is not None:
+        raise ValueError(f"init_from={config.init_from} is set, so this run uses its {part} (encode copies it "
+                         f"into {config.out}); unset init_from to train a new one")
+
+
+def _copy_saved_parts(source: Path, out: Path) -> None:
+    """source's tokenizers (and pipeline.json) into out, atomically per part; parts already there
+    must be byte-identical, so a run never mixes two models' tokenizers."""
+    import filecmp
+    import shutil
+    import tempfile
+
+    for part in _PARTS_COPIED:
+        target = out / part
+        if target.exists():
+            cmp = filecmp.dircmp(source / part, target)
+            if cmp.left_only or cmp.right_only or filecmp.cmpfiles(source / part, target, cmp.common_files,
+                                                                    shallow=False)[1:] != ([], []):
+                raise ValueError(f"{target} exists and differs from {source / part}; this run was started "
+                                 "from other parts: use a new out_dir")
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{part}."))
+        shutil.copytree(source / part, tmp, dirs_exist_ok=True)
+        os.replace(tmp, target)
+        print(f"{source / part} -> {target}")
+    if (source / "pipeline.json").is_file() and not (out / "pipeline.json").exists():
+        atomic_write_bytes(out / "pipeline.json", (source / "pipeline.json").read_bytes())
 
 
 def _saved_text_tokenizer(config: RunConfig):
@@ -163,6 +232,7 @@ def image_tokenizer_folder(config: RunConfig) -> Path:
 def train_text_tokenizer(config: RunConfig):
     from .text_tokenizer import train_text_tokenizer as train
 
+    _refuse_with_init_from(config, "text tokenizer")
     _save_run_config(config, "train_text_tokenizer")
     captions = _captions(build_dataset(config.data, "train"))
     tokenizer = train(captions, config.text_tokenizer, config.out / "text_tokenizer")
@@ -177,6 +247,7 @@ def train_image_tokenizer(config: RunConfig):
     if config.image_tokenizer_path:
         raise ValueError(f"image_tokenizer_path={config.image_tokenizer_path!r} is set, so this run uses "
                          "that saved image tokenizer; unset it to train one")
+    _refuse_with_init_from(config, "image tokenizer")
     _save_run_config(config, "train_image_tokenizer")
     train_set, eval_set = _train_eval_datasets(config)
     model = train(config.image_tokenizer, config.image_tokenizer_training, train_set, eval_set,
@@ -190,6 +261,9 @@ def encode(config: RunConfig) -> list[Path]:
     from .image_tokenizer import ImageTokenizer
     from .token_cache import encode_to_cache
 
+    source = init_from_folder(config)
+    if source is not None:
+        _copy_saved_parts(source, config.out)
     image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
     if image_tokenizer.config.resolution != config.data.image_size:
         raise ValueError(f"the image tokenizer in {image_tokenizer_folder(config)} was built for "
@@ -218,9 +292,22 @@ def train(config: RunConfig, callbacks: Sequence[Any] = ()):
     train_cache = TokenCache(config.out / "token_cache" / "train", seed=config.training.seed)
     eval_folder = config.out / "token_cache" / "eval"
     val_cache = TokenCache(eval_folder, seed=config.training.seed) if eval_folder.is_dir() else None
-    transformer_config = config.transformer.to_transformer_config(
-        text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,
-        image_vocab_size=train_cache.codebook_size, image_grid=train_cache.grid_size)
+    source = init_from_folder(config)
+    if source is None:
+        transformer_config = config.transformer.to_transformer_config(
+            text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,
+            image_vocab_size=train_cache.codebook_size, image_grid=train_cache.grid_size)
+    else:  # the saved architecture, and its weights through training.init_from
+        from .pretrained import config_from_dict
+        from .transformer import TransformerConfig
+
+        path = source / "transformer" / "config.json"
+        transformer_config = config_from_dict(TransformerConfig, _read_saved_config(path), source=str(path))
+        weights = str(source / "transformer")
+        if config.training.init_from not in (None, weights, str(source)):
+            raise ValueError(f"init_from={config.init_from} and training.init_from={config.training.init_from} "
+                             "name different weights; set one of them")
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, init_from=weights))
     _save_run_config(config, "train")
     image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
     model = train_transformer(transformer_config, config.training, text_tokenizer, train_cache, val_cache,

@@ -140,7 +140,7 @@ class CaptionCollate:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
-        self.null_ids = torch.arange(text_tokenizer.vocab_size, text_tokenizer.total_vocab_size)  # (T,)
+        self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere
         self.report_truncation = TruncationReportedOnce(f"this run's {'training' if train else 'validation'} batches")
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:

@@ -1,22 +1,28 @@
 """minDALL-E import: a tiny random-weight release in minDALL-E's exact layout, converted with
 `convert_mindalle`, must give minDALL-E's text ids, logits, greedy codes and pixels (the reference
 is tests/mindalle_reference.py, written from minDALL-E's source, not from dalle_proto)."""
+import json
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tokenizers import CharBPETokenizer
 
 import mindalle_reference as ref
+from dalle_proto import stages
 from dalle_proto.cli import main
 from dalle_proto.mindalle import convert_mindalle
 from dalle_proto.pipeline import DallePipeline
 from dalle_proto.pretrained import BadSavedFileError
+from dalle_proto.run_config import load_run_config
 from dalle_proto.sampling import generate_image_tokens
 from dalle_proto.text_tokenizer import TextTokenizer, TruncationWarning
+from dalle_proto.transformer import DalleTransformer
 
 CAPTIONS = ["a red circle next to a blue square", "two green triangles on a white background",
             "a painting of a cat with sunglasses in the frame", "a large pink elephant walking on the beach",
@@ -230,5 +236,87 @@ def test_cli_convert_prints_time(release, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"-> {tmp_path / 'out'} in " in printed and " s " in printed
     assert (tmp_path / "out" / "transformer" / "model.safetensors").is_file()
+    main(["generate", "a red circle next to a blue square", "--model", str(tmp_path / "out"), "--num-images", "2",
+          "--out", str(tmp_path / "grid.png")])  # like any other model folder
+    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 32
     with pytest.raises(SystemExit, match=r"dalle-proto: error: .*not an empty folder"):
         main(["convert", "mindalle", str(release["src"]), str(tmp_path / "out")])
+
+
+# ---- fine-tuning a converted model: init_from=OUT ------------------------------------------------
+class Crashed(RuntimeError):
+    pass
+
+
+class CrashAfter(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Crashed(f"simulated crash after step {self.step}")
+
+
+def _photo_folder(folder: Path, count: int = 12) -> Path:
+    """The user's data: x.png + x.txt pairs, 32 px like the tiny release's VQGAN."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(count):
+        image = np.full((32, 32, 3), 255, np.uint8)
+        colour = rng.integers(0, 255, 3)
+        r, c = rng.integers(0, 20, 2)
+        image[r:r + 12, c:c + 12] = colour
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a square of colour {i}\na photo of thing {i % 4}\n")
+    return folder
+
+
+def test_fine_tune_a_converted_model_and_resume_exactly(release, tmp_path):
+    data = _photo_folder(tmp_path / "photos")
+    source = release["out"]
+    common = [f"init_from={source}", "data.kind=folder", f"data.path={data}", "data.image_size=32",
+              "data.eval_count=2", "training.steps=4", "training.batch_size=4", "training.warmup_steps=1",
+              "training.precision=32-true", "training.accelerator=cpu", "training.checkpoint_every=2",
+              "training.val_every=2", "training.val_batches=1", "training.sample_every=0", "training.log_every=1",
+              "training.caption_dropout=0.25"]
+    runs = {name: tmp_path / name for name in ("straight", "resumed", "frozen")}
+    for out in runs.values():
+        main(["encode", f"out_dir={out}", *common])
+        assert (out / "token_cache" / "train" / "meta.json").is_file()
+        for part, name in (("text_tokenizer", "tokenizer.json"), ("image_tokenizer", "model.safetensors")):
+            assert (out / part / name).read_bytes() == (source / part / name).read_bytes()
+    assert json.loads((runs["straight"] / "pipeline.json").read_text())["top_k"] == 256  # its sampling defaults
+
+    main(["train", f"out_dir={runs['straight']}", *common])
+    config = load_run_config([], [f"out_dir={runs['resumed']}", *common])
+    with pytest.raises(Crashed):
+        stages.train(config, callbacks=[CrashAfter(3)])
+    stages.train(config)  # the same command again resumes from step 2
+    straight, resumed = (DalleTransformer.from_pretrained(runs[k] / "transformer") for k in ("straight", "resumed"))
+    start = release["pipe"].transformer
+    assert straight.config == start.config  # minDALL-E's layout, from OUT/transformer/config.json
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+    assert not torch.equal(straight.image_head.weight, start.image_head.weight)  # it trained
+
+    # it starts from OUT's weights: an lr too small to move an fp32 weight leaves them as converted
+    main(["train", f"out_dir={runs['frozen']}", *common, "training.lr=1e-30", "training.ema_decay=0"])
+    frozen = DalleTransformer.from_pretrained(runs["frozen"] / "transformer")
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in frozen.state_dict().items())
+
+    pipe = DallePipeline.from_pretrained(runs["straight"], dtype=torch.float32)  # out_dir is a pipeline
+    images = pipe(["a square of colour 3"], num_images=2, temperature=0, cfg_scale=1.0, seed=0)
+    assert [im.size for im in images] == [(32, 32)] * 2
+
+
+def test_init_from_fixes_the_parts(release, tmp_path):
+    source, out = release["out"], tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"init_from=.* is set, so this run uses its text tokenizer"):
+        main(["train-text-tokenizer", f"out_dir={out}", f"init_from={source}"])
+    with pytest.raises(SystemExit, match=r"init_from=.* is set, so this run uses its image tokenizer"):
+        main(["train-image-tokenizer", f"out_dir={out}", f"init_from={source}"])
+    with pytest.raises(SystemExit, match=r"override 'transformer.depth=3' has no effect on train: depth=2 is in "
+                                         r"force, from .*transformer/config.json"):
+        main(["train", f"out_dir={out}", f"init_from={source}", "transformer.depth=3"])
+    with pytest.raises(SystemExit, match=r"init_from=.*transformer: not a pipeline folder \(text_tokenizer/, "
+                                         r"image_tokenizer/, transformer/ missing\)"):
+        main(["encode", f"out_dir={out}", f"init_from={source / 'transformer'}"])
