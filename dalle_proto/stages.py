@@ -288,25 +288,18 @@ def train(config: RunConfig, callbacks: Sequence[Any] = ()):
     from .token_cache import TokenCache
     from .transformer_training import train_transformer
 
+    source = init_from_folder(config)
+    saved = _saved_transformer(config, source) if source is not None else None  # checked before any loading
     text_tokenizer = TextTokenizer.from_pretrained(config.out / "text_tokenizer")
     train_cache = TokenCache(config.out / "token_cache" / "train", seed=config.training.seed)
     eval_folder = config.out / "token_cache" / "eval"
     val_cache = TokenCache(eval_folder, seed=config.training.seed) if eval_folder.is_dir() else None
-    source = init_from_folder(config)
-    if source is None:
+    if saved is None:
         transformer_config = config.transformer.to_transformer_config(
             text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,
             image_vocab_size=train_cache.codebook_size, image_grid=train_cache.grid_size)
     else:  # the saved architecture, and its weights through training.init_from
-        from .pretrained import config_from_dict
-        from .transformer import TransformerConfig
-
-        path = source / "transformer" / "config.json"
-        transformer_config = config_from_dict(TransformerConfig, _read_saved_config(path), source=str(path))
-        weights = str(source / "transformer")
-        if config.training.init_from not in (None, weights, str(source)):
-            raise ValueError(f"init_from={config.init_from} and training.init_from={config.training.init_from} "
-                             "name different weights; set one of them")
+        transformer_config, weights = saved
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, init_from=weights))
     _save_run_config(config, "train")
     image_tokenizer = ImageTokenizer.from_pretrained(image_tokenizer_folder(config))
@@ -317,6 +310,30 @@ def train(config: RunConfig, callbacks: Sequence[Any] = ()):
         model.save_pretrained(config.out / "transformer")
         print(f"transformer -> {config.out / 'transformer'}")
     return model
+
+
+def _saved_transformer(config: RunConfig, source: Path):
+    """(TransformerConfig, weights folder) of init_from's transformer; a transformer setting of the
+    run config that differs from the saved one is an error (it would have no effect)."""
+    from .pretrained import config_from_dict
+    from .transformer import TransformerConfig
+
+    path = source / "transformer" / "config.json"
+    saved = _read_saved_config(path)
+    default = type(config.transformer)()
+    ignored = [f"transformer.{f.name}={getattr(config.transformer, f.name)!r}"
+               for f in dataclasses.fields(config.transformer)
+               if getattr(config.transformer, f.name) != getattr(default, f.name)
+               and getattr(config.transformer, f.name) != saved.get(f.name)]
+    if ignored:  # from a YAML transformer section (command-line overrides fail in check_overrides)
+        raise ValueError(f"init_from={config.init_from} fixes the transformer ({path}), but this run config "
+                         f"sets {', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''}; drop the "
+                         "transformer section from the YAML")
+    weights = str(source / "transformer")
+    if config.training.init_from not in (None, weights, str(source)):
+        raise ValueError(f"init_from={config.init_from} and training.init_from={config.training.init_from} "
+                         "name different weights; set one of them")
+    return config_from_dict(TransformerConfig, saved, source=str(path)), weights
 
 
 def train_clip(config: RunConfig):

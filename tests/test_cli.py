@@ -107,3 +107,14 @@ def test_training_stages_chain_from_one_config(tmp_path):
     exported = load_clip(tmp_path / "exported" / "clip")
     assert isinstance(exported, ClipEnsemble) and exported.members[1].logit_scale.dtype == torch.float32
     assert torch.equal(exported.members[1].logit_scale, second["logit_scale"].bfloat16().float())
+
+
+def test_every_shipped_config_loads():
+    from dalle_proto.run_config import load_run_config
+
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        load_run_config([path])  # an unknown key or bad value in any of them fails here
+    finetune = load_run_config([ROOT / "configs" / "mindalle_finetune.yaml"])
+    assert finetune.init_from and finetune.data.image_size == 256
