@@ -89,7 +89,7 @@ class DallePipeline:
                                     f"expected {LAYOUT}")
         text_tokenizer = TextTokenizer.from_pretrained(folder / TEXT_TOKENIZER_DIR)
         image_tokenizer = ImageTokenizer.from_pretrained(folder / IMAGE_TOKENIZER_DIR)
-        transformer = DalleTransformer.from_pretrained(folder / TRANSFORMER_DIR)
+        transformer = DalleTransformer.from_pretrained(folder / TRANSFORMER_DIR, dtype=dtype)
         clip = None
         if (folder / CLIP_DIR).is_dir():
             from dalle_proto.clip import load_clip  # only pipelines that ship a CLIP need it

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
@@ -89,14 +89,19 @@ def _check_safetensors_layout(path: Path) -> None:
         raise _not_safetensors(path, f"{data - end} unexpected bytes after the last tensor")
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors file `path`, on the CPU; never unpickles. A truncated file, a
     pickle saved under the name (`torch.save(sd, "model.safetensors")`) or any other bad file
-    raises BadSavedFileError naming `path` and what is wrong with it."""
+    raises BadSavedFileError naming `path` and what is wrong with it. `dtype` casts the
+    floating-point tensors one at a time as they are read, so a 5 GB fp32 file read as bf16 never
+    holds more than one fp32 tensor."""
     path = Path(path)
     try:
         _check_safetensors_layout(path)
-        return load_file(str(path))
+        if dtype is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
     except OSError as e:
         raise BadSavedFileError(path, f"could not be read ({e.strerror or e})") from e
     except SafetensorError as e:  # not a ValueError, and its message names no file
@@ -229,8 +234,14 @@ def save_component(folder: str | os.PathLike, config: Any, state_dict: dict[str,
     return folder
 
 
-def load_component(folder: str | os.PathLike, config_cls: type[C]) -> tuple[C, dict[str, torch.Tensor]]:
-    """Read back what `save_component` wrote; the config is validated key by key."""
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def load_component(folder: str | os.PathLike, config_cls: type[C],
+                   dtype: torch.dtype | None = None) -> tuple[C, dict[str, torch.Tensor]]:
+    """Read back what `save_component` wrote; the config is validated key by key. `dtype` casts the
+    floating-point weights while they are read (see `read_safetensors`)."""
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
@@ -239,7 +250,7 @@ def load_component(folder: str | os.PathLike, config_cls: type[C]) -> tuple[C, d
     values = read_json_object(folder / CONFIG_NAME, f"the {CONFIG_NAME} written by save_pretrained: "
                                                     f"an object of {config_cls.__name__} fields")
     config = config_from_dict(config_cls, values, source=str(folder / CONFIG_NAME))
-    return config, read_safetensors(folder / WEIGHTS_NAME)
+    return config, read_safetensors(folder / WEIGHTS_NAME, dtype)
 
 
 class PretrainedMixin:

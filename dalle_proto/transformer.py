@@ -223,6 +223,22 @@ class Block(nn.Module):
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """nn.init's fillers as no-ops while a model is built only to be loaded: drawing 1.3B random
+    numbers took longer than reading the weights (about 45 s of a 1.3B load here)."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 class DalleTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -422,11 +438,20 @@ class DalleTransformer(nn.Module):
         return save_component(folder, self.config, state, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "DalleTransformer":
-        config, state = load_component(folder, TransformerConfig)
-        model = cls(config)
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> "DalleTransformer":
+        """The saved model in eval mode. `dtype` (e.g. torch.bfloat16) builds it in that dtype and casts
+        the weights as they are read: the same model as `.to(dtype)` after an fp32 load, with at most
+        one fp32 tensor in memory (a 1.3B model loads in ~5 GB instead of ~10)."""
+        config, state = load_component(folder, TransformerConfig, dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or previous)  # parameters and masks are created in it
+        try:
+            with _no_random_init():  # the strict load below overwrites every parameter
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(previous)
         if config.tie_embeddings:  # the heads are the tables; one missing from the file fails the strict load
             ties = {"text_head.weight": "text_embedding.weight", "image_head.weight": "image_embedding.weight"}
             state = {**state, **{head: state[table] for head, table in ties.items() if table in state}}
         load_state_dict_strict(model, state, source=os.path.join(str(folder), WEIGHTS_NAME))
-        return model
+        return model if dtype is None else model.to(dtype)  # the float buffers, as .to(dtype) casts them

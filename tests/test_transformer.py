@@ -175,6 +175,27 @@ def test_save_and_load_round_trip(tmp_path, tie):
         assert loaded.image_head.weight is loaded.image_embedding.weight
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_loading_in_bf16_equals_casting_after_an_fp32_load(tmp_path, tie):
+    """from_pretrained(dtype=bf16) builds the model in bf16 and casts each weight as it is read:
+    exactly the model of an fp32 load followed by .to(bf16), buffers included; the default dtype
+    is restored."""
+    c = small_config(tie_embeddings=tie)
+    DalleTransformer(c).save_pretrained(tmp_path / "t")  # fp32 on disk
+    normal = torch.nn.init.normal_
+    cast = DalleTransformer.from_pretrained(tmp_path / "t").to(torch.bfloat16)
+    direct = DalleTransformer.from_pretrained(tmp_path / "t", dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32  # restored, and so are nn.init's fillers:
+    assert torch.nn.init.normal_ is normal and torch.nn.Linear(4, 4).weight.abs().sum() > 0
+    a, b = dict(cast.named_buffers()) | cast.state_dict(), dict(direct.named_buffers()) | direct.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert direct.image_head.weight.dtype == torch.bfloat16
+    if tie:
+        assert direct.image_head.weight is direct.image_embedding.weight
+    text, image = random_batch(c)
+    assert torch.equal(cast(text, image)[1], direct(text, image)[1])
+
+
 def test_loading_weights_of_another_size_fails_loudly(tmp_path):
     DalleTransformer(small_config(dim=48)).save_pretrained(tmp_path / "t")
     config_file = tmp_path / "t" / "config.json"
