@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from PIL import Image
 from tokenizers import CharBPETokenizer
 
 import mindalle_reference as ref
+from test_transformer_training import Crash, Crashed
 from dalle_proto import stages
 from dalle_proto.cli import main
 from dalle_proto.mindalle import convert_mindalle
@@ -244,19 +244,6 @@ def test_cli_convert_prints_time(release, tmp_path, capsys):
 
 
 # ---- fine-tuning a converted model: init_from=OUT ------------------------------------------------
-class Crashed(RuntimeError):
-    pass
-
-
-class CrashAfter(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise Crashed(f"simulated crash after step {self.step}")
-
-
 def _photo_folder(folder: Path, count: int = 12) -> Path:
     """The user's data: x.png + x.txt pairs, 32 px like the tiny release's VQGAN."""
     rng = np.random.default_rng(0)
@@ -290,7 +277,7 @@ def test_fine_tune_a_converted_model_and_resume_exactly(release, tmp_path):
     main(["train", f"out_dir={runs['straight']}", *common])
     config = load_run_config([], [f"out_dir={runs['resumed']}", *common])
     with pytest.raises(Crashed):
-        stages.train(config, callbacks=[CrashAfter(3)])
+        stages.train(config, callbacks=[Crash(at_step=3)])
     stages.train(config)  # the same command again resumes from step 2
     straight, resumed = (DalleTransformer.from_pretrained(runs[k] / "transformer") for k in ("straight", "resumed"))
     start = release["pipe"].transformer
