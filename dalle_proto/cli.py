@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pipe = DallePipeline.from_pretrained(model, device=device)
         images = pipe(args.prompts, num_images=args.num_images, seed=args.seed, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, rerank=args.rerank,
-                      progress=True)
+                      progress=True, cfg_schedule=args.cfg_schedule)
     except (FileNotFoundError, ValueError) as e:  # bad folder, mismatched parts, bad prompt or setting
         raise SystemExit(f"dalle-proto: error: {e}") from None
     captions = [p for p in args.prompts for _ in range(args.num_images)]
@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         pipe = DallePipeline.from_pretrained(args.run, dtype=torch.float32)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dalle-proto: error: {e}") from None
-    for name in ("cfg_scale", "temperature", "top_k", "top_p"):  # new sampling defaults for pipeline.json
+    for name in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p"):  # new defaults for pipeline.json
         if getattr(args, name) is not None:
             setattr(pipe.config, name, getattr(args, name))
     folder = pipe.save_pretrained(args.out, dtype=dtype)
@@ -127,6 +127,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "evaluation"
     try:
         pipe = DallePipeline.from_pretrained(args.checkpoint, device=device)
+        if args.cfg_schedule is not None:
+            pipe.config.cfg_schedule = args.cfg_schedule
         report = evaluate_pipeline(pipe, out, per_category=args.per_category, seed=args.seed, rerank=args.rerank,
                                    batch_size=args.batch_size, cfg_scale=args.cfg_scale, captions=captions,
                                    categories=args.categories)
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     gen.add_argument("--cfg-scale", type=float, default=None,
                      help="classifier-free guidance scale; 1 turns guidance off")
+    gen.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
+                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
+                          "(default: the model's pipeline.json)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 is greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
@@ -225,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=32, help="prompts sampled at a time")
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's pipeline.json")
+    ev.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
+                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
+                          "(default: the model's pipeline.json)")
     ev.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
                     help="only these categories of the shapes prompt set: single, pair, count, held_out "
                          "(default: all)")
@@ -244,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cfg-scale", type=float, default=None,
                     help="default guidance scale to write to pipeline.json (pick one with "
                          "benchmarks/guidance_sweep.py); default: keep the source folder's")
+    ex.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
+                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
+                          "(default: the model's pipeline.json)")
     ex.add_argument("--temperature", type=float, default=None, help="default sampling temperature for pipeline.json")
     ex.add_argument("--top-k", type=int, default=None, help="default top-k for pipeline.json")
     ex.add_argument("--top-p", type=float, default=None, help="default top-p for pipeline.json")

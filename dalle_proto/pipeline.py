@@ -34,7 +34,7 @@ from PIL import Image
 from dalle_proto.image_grid import to_pil_images
 from dalle_proto.image_tokenizer import ImageTokenizer
 from dalle_proto.pretrained import atomic_write_bytes, config_from_dict, read_json_object
-from dalle_proto.sampling import generate_image_tokens
+from dalle_proto.sampling import CFG_SCHEDULES, generate_image_tokens
 from dalle_proto.text_tokenizer import TextTokenizer
 from dalle_proto.transformer import DalleTransformer
 
@@ -51,9 +51,14 @@ class PipelineConfig:
     """Sampling defaults, saved as pipeline.json; a call's own arguments override them."""
 
     cfg_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
+    cfg_schedule: str = "constant"  # or "linear": from 1 at the first image token to cfg_scale at the last
     temperature: float = 1.0  # 0 is greedy
     top_k: int | None = None
     top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"PipelineConfig: cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
 
 
 class DallePipeline:
@@ -133,10 +138,10 @@ class DallePipeline:
     def __call__(self, prompts: str | Sequence[str], num_images: int = 4, seed: int = 0,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  cfg_scale: float | None = None, rerank: int | None = None,
-                 progress: bool = False) -> list[Image.Image]:
+                 progress: bool = False, cfg_schedule: str | None = None) -> list[Image.Image]:
         """`num_images` RGB images per prompt, all of the first prompt's first, then the second's, ...
 
-        temperature, top_k, top_p, cfg_scale: None takes the default from `self.config`
+        temperature, top_k, top_p, cfg_scale, cfg_schedule: None takes the default from `self.config`
         (pipeline.json; change `pipe.config` to change a default, e.g. `pipe.config.top_k = None`).
         seed: the same seed, prompts and settings give the same pixels (on the same device).
         rerank: draw this many candidates per returned image and keep the one `self.clip` scores
@@ -161,7 +166,8 @@ class DallePipeline:
                 self.transformer, rows, seed=seed, num_images_per_text=candidates, progress=progress,
                 temperature=c.temperature if temperature is None else temperature,
                 top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
-                cfg_scale=c.cfg_scale if cfg_scale is None else cfg_scale)  # (B*n*k, h, w)
+                cfg_scale=c.cfg_scale if cfg_scale is None else cfg_scale,
+                cfg_schedule=c.cfg_schedule if cfg_schedule is None else cfg_schedule)  # (B*n*k, h, w)
             images = torch.cat([self.image_tokenizer.decode(chunk).float()  # (b, 3, H, W) in [-1, 1]
                                 for chunk in tokens.split(DECODE_BATCH)])  # (B*n*k, 3, H, W)
             if rerank is not None and candidates > 1:

@@ -9,6 +9,9 @@ Classifier-free guidance (cfg_scale != 1): the conditional rows and the same num
 rows (all pads, `model.null_text_ids`) run as one batch of 2B; each step samples from
     logits = uncond + cfg_scale * (cond - uncond)
 and feeds the chosen token to both halves. cfg_scale == 1 skips the null rows entirely.
+`cfg_schedule="linear"` ramps the scale over the image tokens instead, from 1 at token 0 to
+cfg_scale at the last (MAR and Muse ramp theirs so): early tokens, which set the layout, are drawn
+from the model's own distribution, and later ones get the full push (`guidance_scales`).
 
 Reranking: with `num_images_per_text = k` every caption gets k candidates. Without `rerank` all
 B * k candidates are returned, grouped per caption (rows i*k .. i*k+k-1 belong to caption i). With
@@ -22,6 +25,19 @@ from typing import Callable
 import torch
 
 from dalle_proto.transformer import DalleTransformer
+
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scales(cfg_scale: float, schedule: str, length: int) -> list[float]:
+    """The guidance scale of each of `length` image tokens: cfg_scale everywhere ("constant") or a
+    linear ramp from 1 at token 0 to cfg_scale at the last ("linear")."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or length == 1:
+        return [cfg_scale] * length
+    return [1.0 + (cfg_scale - 1.0) * i / (length - 1) for i in range(length)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -67,7 +83,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, to
 
 def generate_image_tokens_with_logits(
     model: DalleTransformer, text_ids: torch.Tensor, *, temperature: float = 1.0,
-    top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
     generator: torch.Generator | None = None, seed: int | None = None, num_images_per_text: int = 1,
     keep_logits: bool = True, progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,14 +101,15 @@ def generate_image_tokens_with_logits(
         generator = torch.Generator(device=device).manual_seed(seed)
     text = text_ids.to(device).repeat_interleave(num_images_per_text, dim=0)  # (Bk, T)
     rows = text.shape[0]
-    guided = cfg_scale != 1.0
+    scales = guidance_scales(cfg_scale, cfg_schedule, c.image_len)
+    guided = any(scale != 1.0 for scale in scales)
     if guided:
         text = torch.cat([text, model.null_text_ids(rows, device=device)])  # (2Bk, T)
 
     was_training = model.training
     model.eval()
     try:
-        tokens, kept = _decode(model, text, rows, cfg_scale, temperature, top_k, top_p, generator,
+        tokens, kept = _decode(model, text, rows, scales, temperature, top_k, top_p, generator,
                                keep_logits, progress)
     finally:
         model.train(was_training)
@@ -102,7 +119,7 @@ def generate_image_tokens_with_logits(
 
 
 @torch.inference_mode()
-def _decode(model: DalleTransformer, text: torch.Tensor, rows: int, cfg_scale: float,
+def _decode(model: DalleTransformer, text: torch.Tensor, rows: int, scales: list[float],
             temperature: float, top_k: int | None, top_p: float | None,
             generator: torch.Generator | None, keep_logits: bool, progress: bool):
     """The token loop: text (rows or 2*rows when guided, T) -> tokens (rows, N), logits or None."""
@@ -120,7 +137,7 @@ def _decode(model: DalleTransformer, text: torch.Tensor, rows: int, cfg_scale: f
         logits = logits.float()
         if guided:
             cond, uncond = logits[:rows], logits[rows:]
-            logits = uncond + cfg_scale * (cond - uncond)  # (rows, Vi)
+            logits = uncond + scales[i] * (cond - uncond)  # (rows, Vi)
         if kept is not None:
             kept[:, i] = logits
         token = sample_token(logits, temperature, top_k, top_p, generator)  # (rows,)
@@ -132,7 +149,7 @@ def _decode(model: DalleTransformer, text: torch.Tensor, rows: int, cfg_scale: f
 
 def generate_image_tokens(
     model: DalleTransformer, text_ids: torch.Tensor, *, temperature: float = 1.0,
-    top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
     generator: torch.Generator | None = None, seed: int | None = None, num_images_per_text: int = 1,
     rerank: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
 ) -> torch.Tensor:
@@ -142,7 +159,7 @@ def generate_image_tokens(
     The same `seed` (or an identically seeded `generator`) gives identical tokens."""
     tokens, _ = generate_image_tokens_with_logits(
         model, text_ids, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-        generator=generator, seed=seed, num_images_per_text=num_images_per_text, keep_logits=False,
+        cfg_schedule=cfg_schedule, generator=generator, seed=seed, num_images_per_text=num_images_per_text, keep_logits=False,
         progress=progress)
     if rerank is None:
         return tokens

@@ -144,6 +144,21 @@ def test_unknown_key_in_pipeline_json_is_an_error(pipe_folder, tmp_path):
         DallePipeline.from_pretrained(folder)
 
 
+def test_guidance_schedule_from_pipeline_json_or_the_call(pipe_folder, tmp_path):
+    folder = tmp_path / "ramp"
+    shutil.copytree(pipe_folder, folder)
+    (folder / "pipeline.json").write_text('{"cfg_scale": 50.0, "cfg_schedule": "linear"}')  # large: the tiny model's text barely matters
+    ramp = DallePipeline.from_pretrained(folder)
+    assert ramp.config.cfg_schedule == "linear"
+    by_default = pixels(ramp("a red circle", num_images=2, seed=4))
+    np.testing.assert_array_equal(by_default, pixels(ramp("a red circle", num_images=2, seed=4,
+                                                          cfg_schedule="linear")))
+    assert not np.array_equal(by_default, pixels(ramp("a red circle", num_images=2, seed=4, cfg_schedule="constant")))
+    (folder / "pipeline.json").write_text('{"cfg_schedule": "cosine"}')
+    with pytest.raises(ValueError, match=r"pipeline\.json.*cfg_schedule must be one of"):
+        DallePipeline.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("prompts", ["", "   ", [], ["a red circle", ""]])
 def test_empty_prompt_is_rejected(pipe, prompts):
     with pytest.raises(ValueError, match="empty"):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dalle_proto.attention_masks import ATTENTION_MODES
-from dalle_proto.sampling import (filter_logits, generate_image_tokens,
-                                  generate_image_tokens_with_logits)
+from dalle_proto.sampling import (filter_logits, generate_image_tokens, generate_image_tokens_with_logits,
+                                  guidance_scales)
 from dalle_proto.transformer import DalleTransformer, TransformerConfig
 
 
@@ -80,6 +80,28 @@ def test_kv_cache_guided_logits_equal_two_full_forwards(attention):
         _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
     torch.testing.assert_close(logits, uncond + scale * (cond - uncond), atol=LOGITS_ATOL, rtol=0)
     assert not torch.allclose(cond, uncond, atol=1e-3)  # guidance is not a no-op here
+
+
+@pytest.mark.parametrize("attention", ["sparse", "full"])
+def test_kv_cache_linear_guidance_schedule_equals_two_full_forwards(attention):
+    """cfg_schedule="linear": token i is drawn from uncond + s_i (cond - uncond), s_i rising from 1
+    at token 0 to cfg_scale at the last, with the cached steps equal to two full forwards."""
+    model = make_model(attention)
+    text = text_batch(model)
+    scales = guidance_scales(3.0, "linear", model.config.image_len)
+    assert scales[0] == 1.0 and scales[-1] == 3.0 and scales[8] == pytest.approx(1.0 + 2.0 * 8 / 15)
+    tokens, logits = generate_image_tokens_with_logits(model, text, cfg_scale=3.0, cfg_schedule="linear", seed=1)
+    with torch.no_grad():
+        _, cond = model(text, tokens.flatten(1))  # (B, N, Vi)
+        _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
+    s = torch.tensor(scales).view(1, -1, 1)  # (1, N, 1)
+    torch.testing.assert_close(logits, uncond + s * (cond - uncond), atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(logits[:, 0], cond[:, 0], atol=LOGITS_ATOL, rtol=0)  # token 0: unguided
+    constant, _ = generate_image_tokens_with_logits(model, text, cfg_scale=3.0, seed=1, keep_logits=False)
+    assert not torch.equal(constant, tokens)  # the schedule changes what is drawn
+    assert guidance_scales(2.0, "constant", 3) == [2.0, 2.0, 2.0] and guidance_scales(2.0, "linear", 1) == [2.0]
+    with pytest.raises(ValueError, match=r"cfg_schedule must be one of \('constant', 'linear'\), got 'cosine'"):
+        generate_image_tokens(model, text, cfg_scale=2.0, cfg_schedule="cosine")
 
 
 def test_same_seed_same_tokens_and_different_seed_different_tokens():
