@@ -9,6 +9,7 @@ and what was expected, and nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -271,6 +272,23 @@ class PretrainedMixin:
         model = cls(config)
         load_state_dict_strict(model, state_dict, source=os.path.join(str(folder), WEIGHTS_NAME))
         return model.eval()
+
+
+@contextlib.contextmanager
+def no_random_init():
+    """torch.nn.init's fillers as no-ops while a model is built only to be loaded: drawing 1.3B random
+    numbers was half of a 1.3B pipeline load on the 2-core CPU (48 s -> 23 s, BENCHMARKS.md). Every
+    parameter must then be loaded strictly (load_state_dict_strict), or it holds uninitialised memory."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

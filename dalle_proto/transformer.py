@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from dalle_proto.attention_masks import (ATTENTION_MODES, additive_mask, block_layout, cache_slot_mask,
                                          cache_window, layer_attention_kinds, sequence_mask, text_mask)
-from dalle_proto.pretrained import WEIGHTS_NAME, load_component, load_state_dict_strict, save_component
+from dalle_proto.pretrained import (WEIGHTS_NAME, load_component, load_state_dict_strict, no_random_init,
+                                    save_component)
 from dalle_proto.sparse_attention import block_sparse_attention
 
 
@@ -221,22 +222,6 @@ class Block(nn.Module):
         """KV-cache forward of x's positions (no dropout: inference); see SelfAttention.step."""
         x = x + self.post_attn(self.attn.step(self.norm_attn(x), cache, slot, filled, bias))
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
-
-
-@contextlib.contextmanager
-def _no_random_init():
-    """nn.init's fillers as no-ops while a model is built only to be loaded: drawing 1.3B random
-    numbers was half of a 1.3B pipeline load on the 2-core CPU (48 s -> 23 s, benchmarks/mindalle_full_size.py)."""
-    names = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
-             "xavier_uniform_", "xavier_normal_", "trunc_normal_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
 
 
 class DalleTransformer(nn.Module):
@@ -447,7 +432,7 @@ class DalleTransformer(nn.Module):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype or previous)  # parameters and masks are created in it
         try:
-            with _no_random_init():  # the strict load below overwrites every parameter
+            with no_random_init():  # the strict load below overwrites every parameter
                 model = cls(config)
         finally:
             torch.set_default_dtype(previous)
