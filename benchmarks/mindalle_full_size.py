@@ -172,7 +172,7 @@ def main() -> None:
                                         "--batch", str(args.batch), "--threads", str(args.threads)])
         result[child] = json.loads(out.strip().splitlines()[-1]) | {"peak_rss_gib": round(peak, 2)}
         print(f"{child}: {result[child]}", file=sys.stderr, flush=True)
-    if "sample" in result and "reference" in result:  # the pipeline's seconds include decoding to pixels; the reference's are codes only
+    if "sample" in result and "reference" in result:  # ours include decoding to pixels; the reference: codes only
         result["pipeline_vs_reference_s_per_image"] = round(
             result["reference"]["s_per_image"] / result["sample"]["s_per_image"], 3)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)

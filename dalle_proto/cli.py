@@ -155,6 +155,12 @@ def cmd_convert_mindalle(args: argparse.Namespace) -> None:
           f"(load it with --model {folder}; stage-2 weights are CC BY-NC-SA 4.0)")
 
 
+def _add_cfg_schedule(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,  # sampling.CFG_SCHEDULES
+                        help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
+                             f"(default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-proto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,9 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     gen.add_argument("--cfg-scale", type=float, default=None,
                      help="classifier-free guidance scale; 1 turns guidance off")
-    gen.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
-                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
-                          "(default: the model's pipeline.json)")
+    _add_cfg_schedule(gen, default="the model's pipeline.json")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 is greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
@@ -230,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=32, help="prompts sampled at a time")
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's pipeline.json")
-    ev.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
-                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
-                          "(default: the model's pipeline.json)")
+    _add_cfg_schedule(ev, default="the model's pipeline.json")
     ev.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
                     help="only these categories of the shapes prompt set: single, pair, count, held_out "
                          "(default: all)")
@@ -252,9 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cfg-scale", type=float, default=None,
                     help="default guidance scale to write to pipeline.json (pick one with "
                          "benchmarks/guidance_sweep.py); default: keep the source folder's")
-    ex.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
-                     help="guidance over the image tokens: constant, or a linear ramp from 1 to --cfg-scale "
-                          "(default: the model's pipeline.json)")
+    _add_cfg_schedule(ex, default="keep the source folder's")
     ex.add_argument("--temperature", type=float, default=None, help="default sampling temperature for pipeline.json")
     ex.add_argument("--top-k", type=int, default=None, help="default top-k for pipeline.json")
     ex.add_argument("--top-p", type=float, default=None, help="default top-p for pipeline.json")

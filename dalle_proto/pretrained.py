@@ -90,6 +90,11 @@ def _check_safetensors_layout(path: Path) -> None:
         raise _not_safetensors(path, f"{data - end} unexpected bytes after the last tensor")
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t in `dtype` when it is floating-point and a dtype is given; integer tensors stay as they are."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors file `path`, on the CPU; never unpickles. A truncated file, a
     pickle saved under the name (`torch.save(sd, "model.safetensors")`) or any other bad file
@@ -217,10 +222,7 @@ def save_component(folder: str | os.PathLike, config: Any, state_dict: dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in state_dict.items():
-        t = t.detach().cpu()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[name] = t.contiguous()
+        tensors[name] = _cast(t.detach().cpu(), dtype).contiguous()
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -233,10 +235,6 @@ def save_component(folder: str | os.PathLike, config: Any, state_dict: dict[str,
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config_dict, indent=2) + "\n").encode())
     return folder
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
 
 
 def load_component(folder: str | os.PathLike, config_cls: type[C],

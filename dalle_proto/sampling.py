@@ -159,8 +159,8 @@ def generate_image_tokens(
     The same `seed` (or an identically seeded `generator`) gives identical tokens."""
     tokens, _ = generate_image_tokens_with_logits(
         model, text_ids, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-        cfg_schedule=cfg_schedule, generator=generator, seed=seed, num_images_per_text=num_images_per_text, keep_logits=False,
-        progress=progress)
+        cfg_schedule=cfg_schedule, generator=generator, seed=seed, num_images_per_text=num_images_per_text,
+        keep_logits=False, progress=progress)
     if rerank is None:
         return tokens
     k = num_images_per_text
