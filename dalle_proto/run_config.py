@@ -19,13 +19,13 @@ from .datasets import DataConfig
 from .image_tokenizer import ImageTokenizerConfig
 from .image_tokenizer_training import ImageTokenizerTrainConfig
 from .text_tokenizer import TextTokenizerConfig
-from .transformer import SIZES, TransformerConfig
+from .transformer_config import SIZES, TransformerConfig
 from .transformer_training import TransformerTrainConfig
 
 
 @dataclass
 class TransformerSection(TransformerConfig):
-    """TransformerConfig plus `size`, a name from the registry (`transformer.SIZES`) that fills the
+    """TransformerConfig plus `size`, a name from the registry (`transformer_config.SIZES`) that fills the
     section's defaults. text_vocab_size, text_len, image_vocab_size and image_grid are taken from the
     trained text tokenizer and the token cache at train time, whatever is written here."""
 
