@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpointing import AtomicCheckpointIO, last_checkpoint
+from .codebook_reviver import CodebookReviver, perplexity
 from .cpu_memory import retain_freed_memory
 from .datasets.augmentation import DalleImageAugmentation
 from .discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_adv_loss
@@ -149,11 +150,6 @@ def psnr_db(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
-def perplexity(counts: torch.Tensor) -> float:
-    p = counts.float() / counts.sum().clamp(min=1)
-    return float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
-
-
 def save_reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike) -> Path:
     """PNG with the originals on the top row and their reconstructions below (both (B, 3, H, W))."""
     rows = torch.stack([originals, recons.clamp(-1, 1)]).float()  # (2, B, 3, H, W)
@@ -173,58 +169,6 @@ def _edge_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
     (rx, ry), (tx, ty) = grads(recon), grads(target)
     return (rx - tx).abs().mean() + (ry - ty).abs().mean()
-
-
-class CodebookReviver(torch.nn.Module):
-    """Per-code usage bookkeeping and dead-code restarts for a `VectorQuantizer`.
-
-    Buffers are persistent, so they travel in Lightning checkpoints and restart decisions resume
-    exactly; the restart generator is seeded by (seed, step), so it needs no saved state.
-    A code is dead when its usage EMA (tokens per step) falls below `threshold` times the uniform
-    share (tokens per step / n_embed); it is moved onto a random encoder output of the current
-    batch, its Adam moments are zeroed, and it gets a grace period of one uniform share.
-    """
-
-    def __init__(self, n_embed: int, decay: float = 0.99, threshold: float = 0.03, seed: int = 0):
-        super().__init__()
-        self.n_embed, self.decay, self.threshold, self.seed = n_embed, decay, threshold, seed
-        self.register_buffer("usage_ema", torch.full((n_embed,), 1.0 / n_embed))  # tokens/step/code
-        self.register_buffer("window_counts", torch.zeros(n_embed))  # since the last `window_stats`
-        self.register_buffer("restarted_total", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, counts: torch.Tensor) -> None:
-        """Add one step's code histogram (n_embed,) (all-reduced under DDP)."""
-        self.window_counts += counts
-        self.usage_ema.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-
-    def window_stats(self, reset: bool = True) -> tuple[float, float]:
-        """(fraction of codes used, perplexity) over the steps since the last call."""
-        used, ppl = float((self.window_counts > 0).float().mean()), perplexity(self.window_counts)
-        if reset:
-            self.window_counts.zero_()
-        return used, ppl
-
-    @torch.no_grad()
-    def restart(self, quantizer, z: torch.Tensor, tokens_per_step: int, step: int,
-                optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Restart dead codes of `quantizer` from latents z (B, D, h, w); returns how many."""
-        uniform_share = tokens_per_step / self.n_embed
-        min_usage = self.threshold * uniform_share
-        dead = (self.usage_ema < min_usage).nonzero().flatten()  # (n_dead,)
-        if dead.numel() == 0:
-            return 0
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        restarted = quantizer.restart_dead_codes(z_flat, usage_counts=self.usage_ema,
-                                                 min_usage=min_usage, generator=generator)
-        state = optimizer.state.get(quantizer.embedding.weight, {}) if optimizer is not None else {}
-        for key in ("exp_avg", "exp_avg_sq"):  # stale moments would fling the new code away
-            if key in state:
-                state[key][dead] = 0
-        self.usage_ema[dead] = uniform_share
-        self.restarted_total += restarted
-        return restarted
 
 
 # ---- the LightningModule -----------------------------------------------------------------------
