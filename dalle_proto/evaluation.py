@@ -31,6 +31,7 @@ samples given captions and reports only those two (no ground truth, no attribute
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -258,7 +259,7 @@ def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: in
     report: dict[str, Any] = {"per_category": per_category if shapes else None, "seed": seed, "n": len(prompts),
                               "batch_size": batch_size,
                               "categories": sorted({p.category for p in prompts}, key=_category_order),
-                              "passes": {}}
+                              "sampling": _sampling_settings(pipe, cfg_scale), "passes": {}}
     for name, candidates in passes.items():
         images = sample_prompts(pipe, [p.caption for p in prompts], seed, batch_size, candidates, cfg_scale,
                                 desc=f"sampling ({name})")
@@ -282,6 +283,18 @@ def evaluate_pipeline(pipe: Any, out_dir: str | os.PathLike, *, per_category: in
     return report
 
 
+def _sampling_settings(pipe: Any, cfg_scale: float | None) -> dict | None:
+    """The sampling defaults the report's images were drawn with (pipeline.json, `cfg_scale` as
+    overridden), so that a figure names its guidance and temperature; None when `pipe` has none."""
+    config = getattr(pipe, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    settings = dataclasses.asdict(config)
+    if cfg_scale is not None:
+        settings["cfg_scale"] = cfg_scale
+    return settings
+
+
 def _category_order(category: str) -> int:
     return CATEGORIES.index(category) if category in CATEGORIES else len(CATEGORIES)
 
@@ -301,6 +314,9 @@ def to_markdown(report: dict) -> str:
     """The report as markdown: an attribute-accuracy table (shapes) and a table of the other metrics."""
     passes = list(report["passes"])
     lines = [f"# Evaluation ({report['n']} prompts, seed {report['seed']})", ""]
+    if report.get("sampling"):
+        lines += ["Sampling: " + ", ".join(f"{k} {v}" for k, v in report["sampling"].items())
+                  + "; one image per prompt per pass", ""]
     if "accuracy" in report["passes"][passes[0]]:
         categories = report["categories"]  # in CATEGORIES order
         header = [f"{c} (n={report['passes'][passes[0]]['accuracy'][c]['n']})" + (f", {p}" if len(passes) > 1 else "")

@@ -9,6 +9,7 @@ from dalle_proto.datasets.shapes import render_caption
 from dalle_proto.datasets.shapes_grammar import is_held_out, parse_caption
 from dalle_proto.evaluation import (CATEGORIES, clip_r_precision, evaluate_pipeline, frechet_distance,
                                     position_entropy, prompt_set, without_prefix)
+from dalle_proto.pipeline import PipelineConfig
 from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
 
 SIZE = 32
@@ -144,6 +145,18 @@ def test_categories_evaluates_only_those_prompts_of_the_same_prompt_set(tmp_path
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["no_rerank_pair.png"]
     with pytest.raises(ValueError, match="expected some of single, pair, count, held_out.*got pairs"):
         evaluate_pipeline(pipe, tmp_path, per_category=2, categories=["pairs"])
+
+
+def test_the_report_names_the_sampling_settings_its_images_were_drawn_with(tmp_path, text_tokenizer):
+    pipe = GroundTruthPipeline(text_tokenizer)
+    assert evaluate_pipeline(pipe, tmp_path, per_category=2, categories=["single"])["sampling"] is None
+    pipe.config = PipelineConfig(cfg_scale=1.5, cfg_schedule="linear", temperature=0.85, top_k=7)
+    report = evaluate_pipeline(pipe, tmp_path, per_category=2, categories=["single"], cfg_scale=2.0)
+    assert report["sampling"] == {"cfg_scale": 2.0, "cfg_schedule": "linear", "temperature": 0.85, "top_k": 7,
+                                  "top_p": None}  # the call's cfg_scale over pipeline.json's
+    assert json.loads((tmp_path / "evaluation.json").read_text())["sampling"]["cfg_scale"] == 2.0
+    assert ("Sampling: cfg_scale 2.0, cfg_schedule linear, temperature 0.85, top_k 7, top_p None"
+            in (tmp_path / "evaluation.md").read_text())
 
 
 def test_rerank_pass_and_clip_metrics_are_reported_side_by_side(tmp_path, text_tokenizer):
