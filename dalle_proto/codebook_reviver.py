@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def perplexity(counts: torch.Tensor) -> float:
-    p = counts.float() / counts.sum().clamp(min=1)
-    return float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
+from .image_tokenizer.quantizers import code_perplexity
 
 
 class CodebookReviver(torch.nn.Module):
@@ -38,7 +35,8 @@ class CodebookReviver(torch.nn.Module):
 
     def window_stats(self, reset: bool = True) -> tuple[float, float]:
         """(fraction of codes used, perplexity) over the steps since the last call."""
-        used, ppl = float((self.window_counts > 0).float().mean()), perplexity(self.window_counts)
+        used = float((self.window_counts > 0).float().mean())
+        ppl = float(code_perplexity(self.window_counts))
         if reset:
             self.window_counts.zero_()
         return used, ppl

@@ -29,20 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpointing import AtomicCheckpointIO, last_checkpoint
-from .codebook_reviver import CodebookReviver, perplexity
+from .codebook_reviver import CodebookReviver
 from .cpu_memory import retain_freed_memory
 from .datasets.augmentation import DalleImageAugmentation
 from .discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_adv_loss
 from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig
+from .image_tokenizer.quantizers import code_perplexity
 
 
 @dataclass
@@ -330,7 +329,7 @@ class ImageTokenizerModule(pl.LightningModule):
             return
         self.log_dict({"val/psnr": torch.cat(self._val_psnr).mean(),
                        "val/codebook_usage": (self._val_counts > 0).float().mean(),
-                       "val/perplexity": perplexity(self._val_counts)}, prog_bar=True)
+                       "val/perplexity": float(code_perplexity(self._val_counts))}, prog_bar=True)
 
     @torch.no_grad()
     def save_images(self, step: int) -> Path:

@@ -21,7 +21,7 @@ def _zeros_like_loss(z: torch.Tensor) -> torch.Tensor:
     return z.new_zeros((), dtype=torch.float32)
 
 
-def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code histogram: n_embed when usage is uniform, 1 when one code is used."""
     p = counts.float() / counts.sum().clamp(min=1)
     return torch.exp(-(p * torch.log(p + 1e-10)).sum())
@@ -96,7 +96,7 @@ class VectorQuantizer(nn.Module):
             "codebook_loss": codebook_loss,
             "commit_loss": commit_loss,
             "quant_loss": codebook_loss + self.beta * commit_loss,
-            "perplexity": _perplexity(counts).detach(),
+            "perplexity": code_perplexity(counts).detach(),
             "codes_used": (counts > 0).sum().float().detach(),  # distinct codes in this batch
         }
         return z_q, ids, aux
@@ -174,7 +174,7 @@ class GumbelQuantizer(nn.Module):
             self.code_usage += counts.to(self.code_usage.dtype)
         zero = _zeros_like_loss(z)
         aux = {"codebook_loss": zero, "commit_loss": zero, "kl_loss": kl,
-               "quant_loss": self.kl_weight * kl, "perplexity": _perplexity(counts).detach(),
+               "quant_loss": self.kl_weight * kl, "perplexity": code_perplexity(counts).detach(),
                "codes_used": (counts > 0).sum().float().detach()}
         return z_q, ids, aux
 
@@ -212,6 +212,6 @@ class OneHotQuantizer(nn.Module):
             self.code_usage += counts.to(self.code_usage.dtype)
         zero = _zeros_like_loss(z)
         aux = {"codebook_loss": zero, "commit_loss": zero, "kl_loss": kl, "quant_loss": kl,
-               "perplexity": _perplexity(counts).detach(),
+               "perplexity": code_perplexity(counts).detach(),
                "codes_used": (counts > 0).sum().float().detach()}
         return z_q, ids, aux
