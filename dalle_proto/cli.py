@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _add_run_config_args(p: argparse.ArgumentParser) -> None:
@@ -106,9 +107,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         pipe = DallePipeline.from_pretrained(args.run, dtype=torch.float32)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dalle-proto: error: {e}") from None
-    for name in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p"):  # new defaults for pipeline.json
-        if getattr(args, name) is not None:
-            setattr(pipe.config, name, getattr(args, name))
+    _override_sampling_defaults(pipe, args, ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p"))
     folder = pipe.save_pretrained(args.out, dtype=dtype)
     print(f"{args.run} -> {folder} ({args.dtype} weights; sampling defaults {pipe.config})")
 
@@ -127,11 +126,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "evaluation"
     try:
         pipe = DallePipeline.from_pretrained(args.checkpoint, device=device)
-        if args.cfg_schedule is not None:
-            pipe.config.cfg_schedule = args.cfg_schedule
+        _override_sampling_defaults(pipe, args, ("cfg_scale", "cfg_schedule"))
         report = evaluate_pipeline(pipe, out, per_category=args.per_category, seed=args.seed, rerank=args.rerank,
-                                   batch_size=args.batch_size, cfg_scale=args.cfg_scale, captions=captions,
-                                   categories=args.categories)
+                                   batch_size=args.batch_size, captions=captions, categories=args.categories)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dalle-proto: error: {e}") from None
     print(to_markdown(report), end="")
@@ -153,6 +150,13 @@ def cmd_convert_mindalle(args: argparse.Namespace) -> None:
         raise SystemExit(f"dalle-proto: error: {e}") from None
     print(f"{args.src} -> {folder} in {time.perf_counter() - start:.1f} s "
           f"(load it with --model {folder}; stage-2 weights are CC BY-NC-SA 4.0)")
+
+
+def _override_sampling_defaults(pipe: Any, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """The options among `names` that were given replace pipe.config's (pipeline.json's) defaults."""
+    for name in names:
+        if getattr(args, name) is not None:
+            setattr(pipe.config, name, getattr(args, name))
 
 
 def _add_cfg_schedule(parser: argparse.ArgumentParser, default: str) -> None:
