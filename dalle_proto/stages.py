@@ -257,9 +257,30 @@ def train_image_tokenizer(config: RunConfig):
     return model
 
 
+def _data_record(config: RunConfig, split: str) -> dict:
+    """What a split's token cache depends on in `config.data` (eval ignores shapes_mix)."""
+    record = dataclasses.asdict(config.data)
+    record.pop("strict")  # skipping or raising on bad items does not change what is encoded
+    if split == "eval":
+        record["shapes_mix"] = None
+    return record
+
+
+def check_cache_data(config: RunConfig, cache) -> None:
+    """A cache encoded from other data settings than the run config's would make them ineffective."""
+    recorded = cache.data
+    if recorded is None:  # written before meta.json recorded the data
+        return
+    current = _data_record(config, cache.folder.name)
+    differ = [f"data.{k}={recorded.get(k)!r} (config: {v!r})" for k, v in current.items() if recorded.get(k) != v]
+    if differ:
+        raise ValueError(f"token cache {cache.folder} was encoded with {', '.join(differ)}; delete the "
+                         f"folder and run `dalle-proto encode` again, or restore those settings")
+
+
 def encode(config: RunConfig) -> list[Path]:
     from .image_tokenizer import ImageTokenizer
-    from .token_cache import encode_to_cache
+    from .token_cache import TokenCache, encode_to_cache
 
     source = init_from_folder(config)
     if source is not None:
@@ -274,9 +295,11 @@ def encode(config: RunConfig) -> list[Path]:
     for split in splits:
         out = config.out / "token_cache" / split
         if (out / "meta.json").is_file():
+            check_cache_data(config, TokenCache(out))
             print(f"token cache {out} exists; delete it to encode again")
         else:
-            encode_to_cache(image_tokenizer, build_dataset(config.data, split), out)
+            encode_to_cache(image_tokenizer, build_dataset(config.data, split), out,
+                            data=_data_record(config, split))
         written.append(out)
     return written
 
@@ -294,6 +317,8 @@ def train(config: RunConfig, callbacks: Sequence[Any] = ()):
     train_cache = TokenCache(config.out / "token_cache" / "train", seed=config.training.seed)
     eval_folder = config.out / "token_cache" / "eval"
     val_cache = TokenCache(eval_folder, seed=config.training.seed) if eval_folder.is_dir() else None
+    for cache in (train_cache, val_cache) if val_cache is not None else (train_cache,):
+        check_cache_data(config, cache)
     if saved is None:
         transformer_config = config.transformer.to_transformer_config(
             text_vocab_size=text_tokenizer.vocab_size, text_len=text_tokenizer.text_len,

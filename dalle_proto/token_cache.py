@@ -78,8 +78,10 @@ def token_dtype(codebook_size: int) -> np.dtype:
 @torch.no_grad()
 def encode_to_cache(image_tokenizer, dataset, out_dir: str | os.PathLike, batch_size: int = 64,
                     bf16: bool = True, progress: bool = True, overwrite: bool = False,
-                    num_workers: int = 0) -> Path:
+                    num_workers: int = 0, data: dict | None = None) -> Path:
     """Encode every image of `dataset` once into a token cache folder `out_dir`; returns its path.
+    `data`: a JSON-able description of the data set (the run config's `data`), kept in meta.json so
+    that a later run with other data settings is told the cache is stale (`TokenCache.data`).
 
     The cache is written into a temporary sibling folder and renamed into place at the end, so an
     interrupted run never leaves a half-written cache where `TokenCache` would read it.
@@ -130,6 +132,8 @@ def encode_to_cache(image_tokenizer, dataset, out_dir: str | os.PathLike, batch_
             "bf16": bf16,
             "image_tokenizer_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
         }
+        if data is not None:
+            meta["data"] = data
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             # Swap in: move the old folder aside first, since rename cannot replace a non-empty folder.
@@ -193,6 +197,11 @@ class TokenCache(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def data(self) -> dict | None:
+        """The data description it was encoded from (None for caches written without one)."""
+        return self.meta.get("data")
 
     def check_matches(self, image_tokenizer) -> None:
         """Raise if this cache was not made by a tokenizer with `image_tokenizer`'s codebook and grid."""

@@ -216,5 +216,28 @@ def test_local_encoder_codes_do_not_see_far_objects(tmp_path):
             assert loaded.config.local_encoder and torch.equal(loaded.encode(x), model.encode(x))
     assert not torch.allclose(*latents[False], atol=1e-4)  # the leak this option removes
     torch.testing.assert_close(*latents[True], atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="local_encoder applies to the vqgan and gumbel"):
+    with pytest.raises(ValueError, match="local_encoder / cell_local_encoder apply to the vqgan and gumbel"):
         ImageTokenizerConfig(kind="dvae", local_encoder=True)
+
+
+def test_cell_local_encoder_code_sees_only_its_own_cell(tmp_path):
+    """cell_local_encoder: changing the pixels of one 4x4 cell changes that token's latent and no
+    other, even its neighbours' (local_encoder's 3x3 convs reach them); saved and loaded exactly."""
+    config = ImageTokenizerConfig(resolution=32, ch=32, ch_mult=[1, 1, 2], z_channels=32, embed_dim=8,
+                                  n_embed=64, cell_local_encoder=True)
+    torch.manual_seed(0)
+    model = ImageTokenizer(config).eval()
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.encoder.modules())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = x.clone()
+    y[:, :, 12:16, 20:24] = torch.rand(1, 3, 4, 4) * 2 - 1  # token (3, 5) of the 8x8 grid
+    with torch.no_grad():
+        changed = (model.encoder(x) - model.encoder(y)).abs().amax(dim=1)[0] > 1e-6  # (8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[3, 5] = True
+    assert torch.equal(changed, expected)
+    model.save_pretrained(tmp_path / "cell")
+    loaded = ImageTokenizer.from_pretrained(tmp_path / "cell")
+    assert loaded.config.cell_local_encoder and torch.equal(loaded.encode(x), model.encode(x))
+    with pytest.raises(ValueError, match="cell_local_encoder apply to the vqgan and gumbel"):
+        ImageTokenizerConfig(kind="dvae", cell_local_encoder=True)

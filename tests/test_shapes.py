@@ -304,3 +304,37 @@ def test_write_shapes_writes_triplets_that_match_render_scene(tmp_path):
             assert np.array_equal(np.asarray(image), np.asarray(scene.image))
         assert (out / f"{i:06d}.txt").read_text() == scene.caption + "\n"
         assert json.loads((out / f"{i:06d}.json").read_text()) == scene.truth
+
+
+# ------------------------------------------------------------------ a training mix other than SHAPES.md's
+
+def test_shapes_mix_sets_scene_type_shares_and_keeps_the_default_exact():
+    for i in range(200):  # SHAPES.md's own percentages give the very same scenes as no mix
+        assert sample_scene(5, i, 64, "train", [50, 35, 15]) == sample_scene(5, i, 64, "train")
+    types = Counter(sample_scene(5, i, 64, "train", {"single": 20, "pair": 60, "count": 20})[1]["type"]
+                    for i in range(N_SCENES))
+    assert abs(types["pair"] / N_SCENES - 0.60) < 0.04 and abs(types["single"] / N_SCENES - 0.20) < 0.03
+    only_pairs = ShapesDataset(50, seed=5, mix=[0, 100, 0])
+    for i in range(50):
+        caption, truth = sample_scene(5, i, 64, "train", [0, 100, 0])
+        assert truth["type"] == "pair" and only_pairs[i][1] == caption == only_pairs.captions(i)[0]
+        assert_caption_matches_truth(caption, truth)
+
+
+@pytest.mark.parametrize("mix", [[50, 35, 10], [50, 50], [-10, 60, 50], [50.5, 34.5, 15],
+                                 {"pair": 35, "single": 50, "count": 15}])
+def test_shapes_mix_rejects_anything_but_three_whole_percentages(mix):
+    with pytest.raises(ValueError, match="shapes mix"):
+        sample_scene(0, 0, 64, "train", mix)
+
+
+def test_data_config_shapes_mix_applies_to_the_train_split_of_shapes_only():
+    from dalle_proto.datasets import DataConfig, build_dataset
+
+    data = DataConfig(kind="shapes", train_count=40, eval_count=8, shapes_mix=[0, 0, 100])
+    assert {build_dataset(data, "train").scene(i).truth["type"] for i in range(40)} == {"count"}
+    assert build_dataset(data, "eval").mix is None  # validation keeps SHAPES.md's mix
+    with pytest.raises(ValueError, match="shapes_mix applies to data.kind='shapes' only"):
+        DataConfig(kind="folder", path="x", shapes_mix=[0, 0, 100])
+    with pytest.raises(ValueError, match="summing to 100"):
+        DataConfig(shapes_mix=[10, 10, 10])

@@ -112,3 +112,24 @@ def test_missing_files_and_wide_codebooks(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a token cache"):
         TokenCache(tmp_path)
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.int32
+
+
+def test_a_cache_encoded_from_other_data_settings_is_refused(tmp_path):
+    """`dalle-proto encode` records the run's data settings in meta.json; encoding or training again
+    with other ones (here a shapes mix) names the setting instead of silently using the stale cache."""
+    from dalle_proto import stages
+    from dalle_proto.run_config import load_run_config
+
+    common = [f"out_dir={tmp_path}", "data.image_size=16", "data.train_count=6", "data.eval_count=4"]
+    config = load_run_config([], common)
+    tiny_tokenizer().save_pretrained(tmp_path / "image_tokenizer")
+    train_folder, eval_folder = stages.encode(config)
+    assert TokenCache(train_folder).data["shapes_mix"] is None and TokenCache(train_folder).data["train_count"] == 6
+    stages.encode(config)  # the same settings: the cache is reused
+    mixed = load_run_config([], [*common, "data.shapes_mix=[0,100,0]"])
+    with pytest.raises(ValueError, match=r"token_cache/train was encoded with data.shapes_mix=None "
+                                         r"\(config: \[0, 100, 0\]\); delete the folder"):
+        stages.encode(mixed)
+    stages.check_cache_data(mixed, TokenCache(eval_folder))  # the eval split ignores the mix
+    with pytest.raises(ValueError, match=r"data.train_count=6 \(config: 7\)"):
+        stages.check_cache_data(load_run_config([], [*common, "data.train_count=7"]), TokenCache(train_folder))

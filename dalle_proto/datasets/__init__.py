@@ -27,6 +27,18 @@ class DataConfig:
     eval_count: int = 512            # shapes: scenes in the eval split; others: held-out items
     seed: int = 0
     strict: bool = False             # raise on the first bad image/caption instead of skipping
+    # shapes, train split: percent of single / pair / count scenes, e.g. [25, 50, 25]; None is
+    # SHAPES.md's 50 / 35 / 15. The eval split keeps SHAPES.md's mix, so validation losses compare
+    shapes_mix: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shapes_mix is not None:
+            if self.kind != "shapes":
+                raise ValueError(f"data.shapes_mix applies to data.kind='shapes' only, got kind={self.kind!r}")
+            from .shapes import check_mix
+
+            self.shapes_mix = list(check_mix([int(v) if isinstance(v, float) and v.is_integer() else v
+                                              for v in self.shapes_mix]).values())
 
 
 def build_dataset(data: DataConfig, split: str = "train", transform: Callable | None = None) -> Dataset:
@@ -37,7 +49,9 @@ def build_dataset(data: DataConfig, split: str = "train", transform: Callable | 
         from .shapes import ShapesDataset
 
         count = data.train_count if split == "train" else data.eval_count
-        return ShapesDataset(count, seed=data.seed, size=data.image_size, split=split, transform=transform)
+        mix = data.shapes_mix if split == "train" else None
+        return ShapesDataset(count, seed=data.seed, size=data.image_size, split=split, transform=transform,
+                             mix=mix)
     if data.kind not in KINDS:
         raise ValueError(f"data.kind must be one of {list(KINDS)}, got {data.kind!r}")
     if data.kind == "emoji":

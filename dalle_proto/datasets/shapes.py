@@ -103,12 +103,28 @@ def _check_key(seed, index, split) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- what the caption says
 
-def _sample_caption_spec(rng: _Rng, split: str, force_held_out: bool) -> dict:
+def check_mix(mix) -> dict[str, int]:
+    """A training mix as {"single", "pair", "count"} -> whole percent summing to 100 (a list of
+    three is read in that order); None is SHAPES.md's MIX_PERCENT."""
+    if mix is None:
+        return MIX_PERCENT
+    values = list(mix.values()) if isinstance(mix, dict) else list(mix)
+    if isinstance(mix, dict) and list(mix) != list(MIX_PERCENT):
+        raise ValueError(f"shapes mix keys must be {list(MIX_PERCENT)}, got {list(mix)}")
+    if (len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values)
+            or sum(values) != 100):
+        raise ValueError(f"shapes mix must be three whole percentages (single, pair, count) >= 0 summing "
+                         f"to 100, got {mix!r}")
+    return dict(zip(MIX_PERCENT, values))
+
+
+def _sample_caption_spec(rng: _Rng, split: str, force_held_out: bool,
+                         mix: dict[str, int] = MIX_PERCENT) -> dict:
     """A caption spec (shapes_grammar's format): scene type, prefix and the stated attributes."""
     combos = _TRAIN_COMBOS if split == "train" else _ALL_COMBOS
     draw = rng.below(100)
-    kind = "single" if draw < MIX_PERCENT["single"] else (
-        "pair" if draw < MIX_PERCENT["single"] + MIX_PERCENT["pair"] else "count")
+    kind = "single" if draw < mix["single"] else (
+        "pair" if draw < mix["single"] + mix["pair"] else "count")
     spec = {"type": kind, "prefix": rng.choice(PREFIXES), "relation": None, "number": None}
     if kind == "single":
         color, shape = rng.choice(_HELD_OUT_COMBOS if force_held_out else combos)
@@ -222,21 +238,23 @@ def _realise(rng: _Rng, spec: dict, size: int) -> dict:
 
 # ---------------------------------------------------------------- public API
 
-def sample_scene(seed: int, index: int, size: int = 64, split: str = "train") -> tuple[str, dict]:
-    """(caption, truth) of scene `index` without drawing its pixels (cheap; used by `captions`)."""
+def sample_scene(seed: int, index: int, size: int = 64, split: str = "train",
+                 mix=None) -> tuple[str, dict]:
+    """(caption, truth) of scene `index` without drawing its pixels (cheap; used by `captions`).
+    `mix` (see `check_mix`) replaces SHAPES.md's 50/35/15 draw of the scene type; None keeps it."""
     seed, index, split_code = _check_key(seed, index, split)
     check_canvas_size(size)
     rng = _Rng([seed, index, split_code])
     force_held_out = split == "eval" and index % HELD_OUT_EVAL_EVERY == 0
-    spec = _sample_caption_spec(rng, split, force_held_out)
+    spec = _sample_caption_spec(rng, split, force_held_out, check_mix(mix))
     truth = _realise(rng, spec, size)
     truth.update(seed=seed, index=index, split=split)
     return compose_caption(spec), truth
 
 
-def render_scene(seed: int, index: int, size: int = 64, split: str = "train") -> Scene:
-    """Scene `index` of the (seed, split) data set on a size x size canvas; a pure function."""
-    caption, truth = sample_scene(seed, index, size, split)
+def render_scene(seed: int, index: int, size: int = 64, split: str = "train", mix=None) -> Scene:
+    """Scene `index` of the (seed, split[, mix]) data set on a size x size canvas; a pure function."""
+    caption, truth = sample_scene(seed, index, size, split, mix)
     return Scene(image=draw_objects(truth["objects"], size), caption=caption, truth=truth)
 
 
@@ -260,15 +278,18 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`count` scenes of the shapes set, rendered on the fly (nothing touches the disk).
 
     Yields (PIL RGB image, caption), or (transform(image), caption) when `transform` is given.
+    `mix`: the scene types' percentages (single, pair, count) instead of SHAPES.md's 50/35/15.
     """
 
-    def __init__(self, count: int, seed: int = 0, size: int = 64, split: str = "train", transform=None):
+    def __init__(self, count: int, seed: int = 0, size: int = 64, split: str = "train", transform=None,
+                 mix=None):
         count = operator.index(count)
         if count < 0:
             raise ValueError(f"ShapesDataset count must be >= 0, got {count}")
         _check_key(seed, 0, split)
         check_canvas_size(size)
         self.count, self.seed, self.size, self.split, self.transform = count, seed, size, split, transform
+        self.mix = None if mix is None else check_mix(mix)
 
     def __len__(self) -> int:
         return self.count
@@ -280,11 +301,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         return i % self.count
 
     def scene(self, i: int) -> Scene:
-        return render_scene(self.seed, self._index(i), self.size, self.split)
+        return render_scene(self.seed, self._index(i), self.size, self.split, self.mix)
 
     def captions(self, i: int) -> list[str]:
         """All captions of item i: the shapes set has exactly one per image."""
-        return [sample_scene(self.seed, self._index(i), self.size, self.split)[0]]
+        return [sample_scene(self.seed, self._index(i), self.size, self.split, self.mix)[0]]
 
     def __getitem__(self, i):
         scene = self.scene(i)

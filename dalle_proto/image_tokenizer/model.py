@@ -23,7 +23,7 @@ from dalle_proto.pretrained import PretrainedMixin
 
 from .dvae import DVAEDecoder, DVAEEncoder, logits_to_image, map_pixels
 from .quantizers import GumbelQuantizer, OneHotQuantizer, VectorQuantizer
-from .vqgan import Decoder, Encoder, make_local
+from .vqgan import Decoder, Encoder, make_cell_local, make_local
 
 KINDS = ("vqgan", "gumbel", "dvae")
 RANGE_TOLERANCE = 1e-3
@@ -47,6 +47,9 @@ class ImageTokenizerConfig:
     # vqgan/gumbel: an encoder without whole-image mixing (per-position channel norm instead of
     # GroupNorm, no attention), so a token's code sees only its receptive field; taming's layout: False
     local_encoder: bool = False
+    # implies local_encoder, and every encoder conv is 1x1 or a 2x2 stride-2 downsampling: a code
+    # sees only its own f x f pixel cell, so a scene's objects are decided at their own tokens
+    cell_local_encoder: bool = False
     beta: float = 0.25  # vqgan: commitment weight inside quant_loss
     kl_weight: float = 1e-8  # gumbel: weight of KL(q || uniform) inside quant_loss (taming default)
     # dvae only (OpenAI's names): hidden width, decoder's first width, blocks per group, groups.
@@ -62,8 +65,9 @@ class ImageTokenizerConfig:
             raise ValueError(f"ImageTokenizerConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.n_embed < 2:
             raise ValueError(f"ImageTokenizerConfig.n_embed must be >= 2, got {self.n_embed}")
-        if self.kind == "dvae" and self.local_encoder:
-            raise ValueError("ImageTokenizerConfig.local_encoder applies to the vqgan and gumbel encoders, not dvae")
+        if self.kind == "dvae" and (self.local_encoder or self.cell_local_encoder):
+            raise ValueError("ImageTokenizerConfig.local_encoder / cell_local_encoder apply to the vqgan and "
+                             "gumbel encoders, not dvae")
         if self.kind == "dvae":
             if self.group_count != 4:
                 raise ValueError(f"dvae: only OpenAI's 4-group layout is supported, "
@@ -122,8 +126,10 @@ class ImageTokenizer(PretrainedMixin, nn.Module):
                     attn_resolutions=c.attn_resolutions, resolution=c.resolution,
                     z_channels=c.z_channels, dropout=c.dropout)
         self.encoder = Encoder(in_channels=c.in_channels, **arch)
-        if c.local_encoder:
+        if c.local_encoder or c.cell_local_encoder:
             make_local(self.encoder)
+        if c.cell_local_encoder:
+            make_cell_local(self.encoder)
         self.decoder = Decoder(out_ch=c.out_ch, **arch)
         self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)

@@ -57,6 +57,23 @@ def make_local(encoder: "Encoder") -> "Encoder":
     return encoder
 
 
+def make_cell_local(encoder: "Encoder") -> "Encoder":
+    """Shrink a local encoder's receptive field to one token cell: every stride-1 3x3 conv becomes
+    1x1 and every downsampling a 2x2 stride-2 conv, so a code is a function of its own f x f pixels
+    only. `make_local`'s 3x3 convs still let a code see about 38 px at f4, so the first code that
+    tells two scenes apart lies in background a token or more away from the objects."""
+    for name, module in list(encoder.named_modules()):
+        if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+        if module.stride == (2, 2):  # Downsample's pad (0, 1, 0, 1) is then never read
+            setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, 2, stride=2))
+        else:
+            setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, 1))
+    return encoder
+
+
 def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
