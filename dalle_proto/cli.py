@@ -126,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "evaluation"
     try:
         pipe = DallePipeline.from_pretrained(args.checkpoint, device=device)
-        _override_sampling_defaults(pipe, args, ("cfg_scale", "cfg_schedule"))
+        _override_sampling_defaults(pipe, args, ("cfg_scale", "cfg_schedule", "temperature"))
         report = evaluate_pipeline(pipe, out, per_category=args.per_category, seed=args.seed, rerank=args.rerank,
                                    batch_size=args.batch_size, captions=captions, categories=args.categories)
     except (FileNotFoundError, ValueError) as e:
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32, help="prompts sampled at a time")
     ev.add_argument("--cfg-scale", type=float, default=None, help="default: the model's pipeline.json")
     _add_cfg_schedule(ev, default="the model's pipeline.json")
+    ev.add_argument("--temperature", type=float, default=None, help="default: the model's pipeline.json")
     ev.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
                     help="only these categories of the shapes prompt set: single, pair, count, held_out "
                          "(default: all)")

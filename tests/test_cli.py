@@ -90,10 +90,11 @@ def test_training_stages_chain_from_one_config(tmp_path):
     clip_config = json.loads((out / "clip" / "config.json").read_text())
     assert clip_config["text_vocab_size"] == transformer_config["text_vocab_size"] + transformer_config["text_len"]
     main(["evaluate", "--checkpoint", str(out), "--per-category", "1", "--batch-size", "4",
-          "--cfg-scale", "1.25", "--cfg-schedule", "linear"])
+          "--cfg-scale", "1.25", "--cfg-schedule", "linear", "--temperature", "0.95"])
     assert "| full |" in (out / "evaluation" / "evaluation.md").read_text()
     sampling = json.loads((out / "evaluation" / "evaluation.json").read_text())["sampling"]
     assert sampling["cfg_scale"] == 1.25 and sampling["cfg_schedule"] == "linear"  # the options over pipeline.json
+    assert sampling["temperature"] == 0.95
     single = load_clip(out / "clip")
     # members=2 keeps the finished run as member 0 and trains member 1 from seed + 1 beside it
     main(["train-clip", "--config", TINY, f"out_dir={out}", "clip_training.members=2"])
