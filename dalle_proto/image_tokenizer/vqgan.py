@@ -41,20 +41,26 @@ class ChannelNorm(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def _replace_modules(encoder: "Encoder", replacement) -> "Encoder":
+    """Swap every submodule for which `replacement(module)` returns a module; None keeps it."""
+    for name, module in list(encoder.named_modules()):
+        new = replacement(module) if name else None
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(encoder.get_submodule(parent_name) if parent_name else encoder, child, new)
+    return encoder
+
+
 def make_local(encoder: "Encoder") -> "Encoder":
     """Strip the encoder of what mixes the whole image: GroupNorm -> ChannelNorm, attention blocks ->
     identity. A token's code then depends only on its convolutional receptive field; with taming's
     encoder, white background codes change when an object anywhere changes colour."""
-    for name, module in list(encoder.named_modules()):
-        if not name:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+    def replacement(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.GroupNorm):
-            setattr(parent, child, ChannelNorm(module.num_channels, module.eps))
-        elif isinstance(module, AttnBlock):
-            setattr(parent, child, nn.Identity())
-    return encoder
+            return ChannelNorm(module.num_channels, module.eps)
+        return nn.Identity() if isinstance(module, AttnBlock) else None
+
+    return _replace_modules(encoder, replacement)
 
 
 def make_cell_local(encoder: "Encoder") -> "Encoder":
@@ -62,16 +68,14 @@ def make_cell_local(encoder: "Encoder") -> "Encoder":
     1x1 and every downsampling a 2x2 stride-2 conv, so a code is a function of its own f x f pixels
     only. `make_local`'s 3x3 convs still let a code see about 38 px at f4, so the first code that
     tells two scenes apart lies in background a token or more away from the objects."""
-    for name, module in list(encoder.named_modules()):
+    def replacement(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            return None
         if module.stride == (2, 2):  # Downsample's pad (0, 1, 0, 1) is then never read
-            setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, 2, stride=2))
-        else:
-            setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, 1))
-    return encoder
+            return nn.Conv2d(module.in_channels, module.out_channels, 2, stride=2)
+        return nn.Conv2d(module.in_channels, module.out_channels, 1)
+
+    return _replace_modules(encoder, replacement)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
