@@ -95,6 +95,8 @@ def load_config(cls: type[C], yaml_paths: list[str | Path] = (), overrides: list
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"incomplete or invalid config: {e}") from e
+    except ValueError as e:  # a dataclass's __post_init__ check: a bad value, not a bug to trace back
+        raise ConfigError(str(e)) from e
 
 
 def config_to_yaml(config: Any) -> str:

@@ -32,6 +32,16 @@ def test_unknown_config_key_is_a_clear_error():
     assert "transformer.depht" in str(e.value) and "'depth'" in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.shapes_mix=[1,2,3]", "shapes mix must be three whole percentages"),
+    ("transformer.depth=0", "TransformerConfig.depth must be >= 1, got 0"),
+])
+def test_a_value_a_config_check_refuses_is_a_one_line_error(override, message):
+    with pytest.raises(SystemExit) as e:
+        main(["config", "--config", TINY, override])
+    assert str(e.value).startswith(f"dalle-proto: error: {message}") and "\n" not in str(e.value)
+
+
 def test_config_prints_resolved_values(capsys):
     main(["config", "--config", TINY, "transformer.depth=3"])
     out = capsys.readouterr().out
