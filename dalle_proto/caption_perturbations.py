@@ -5,9 +5,11 @@
 
 Used as hard negatives twice: by CLIP training (clip_training.py: a caption that differs from the
 true one in a single word, so a bag of words cannot tell them apart) and by the transformer's
-caption-contrast loss (transformer_training.py: the image's likelihood under its own caption must
+caption-contrast loss (transformer_loss.py: the image's likelihood under its own caption must
 beat its likelihood under the perturbed one). A perturbation never names a held-out colour-shape
 pair (SHAPES.md: those never appear in training captions); a caption outside the grammar gets None.
+`perturb_binding` draws only the hard negatives: what one-sample models get wrong (BENCHMARKS.md,
+"what pairs get wrong": the second object copies the first; counts ignore the number word).
 """
 from __future__ import annotations
 
@@ -44,6 +46,36 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
         if new["type"] == "pair" and pairs[0] == pairs[1] and not copies:
             continue  # the grammar's pairs differ in colour or shape
         if not allow_held_out and any(is_held_out(*p) for p in pairs):
+            continue
+        text = compose_caption(new)
+        if text != caption:
+            return text
+    return None
+
+
+def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool = False) -> str | None:
+    """A binding negative: a pair gets its colours or shapes exchanged, or one object's colour or
+    shape copied onto the other; a count gets another number; a single object another colour or
+    shape. None outside the grammar or when no valid change was found (held-out pairs as above)."""
+    try:
+        spec = parse_caption(caption)
+    except ValueError:
+        return None
+    for _ in range(10):
+        new = copy.deepcopy(spec)
+        objects = new["objects"]
+        key = ("color", "shape")[rng.integers(2)]
+        if spec["type"] == "pair":
+            if rng.integers(2):
+                objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
+            else:
+                source = int(rng.integers(2))
+                objects[1 - source][key] = objects[source][key]
+        elif spec["type"] == "count":
+            new["number"] = _other(rng, list(NUMBERS.values()), new["number"])
+        else:
+            objects[0][key] = _other(rng, list(COLORS if key == "color" else SHAPES), objects[0][key])
+        if not allow_held_out and any(is_held_out(o["color"], o["shape"]) for o in objects):
             continue
         text = compose_caption(new)
         if text != caption:

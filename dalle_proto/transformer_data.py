@@ -15,9 +15,12 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
 - caption-contrast negatives (`contrast=True`): per sample, the caption with one attribute changed
   through the shapes grammar (`caption_perturbations.py`, exchanges included), from a generator
   seeded by (seed, step, slot); a caption outside the grammar, or a dropped one, gets none.
+  `negatives="binding"` draws only the hard ones (`perturb_binding`: exchanged or copied pair
+  attributes, another number for a count).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -25,11 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dalle_proto.caption_perturbations import perturb_caption
+from dalle_proto.caption_perturbations import perturb_binding, perturb_caption
 from dalle_proto.text_tokenizer import TruncationReportedOnce
 
 # separate random streams per purpose, so adding one never shifts another
 _ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST = 0, 1, 2, 3, 4
+CONTRAST_NEGATIVES = ("any", "binding")  # perturb_caption (one attribute, exchanges too) | perturb_binding
 
 
 def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
@@ -135,9 +139,12 @@ class CaptionCollate:
     the batch row each belongs to (M <= B; see the module docstring)."""
 
     def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int,
-                 contrast: bool = False):
+                 contrast: bool = False, negatives: str = "any"):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if negatives not in CONTRAST_NEGATIVES:
+            raise ValueError(f"contrast negatives must be one of {CONTRAST_NEGATIVES}, got {negatives!r}")
+        self.perturb = perturb_binding if negatives == "binding" else partial(perturb_caption, exchanges=True)
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
         self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere
@@ -164,7 +171,7 @@ class CaptionCollate:
         index, texts = [], []
         for row, (step, slot, caption) in enumerate(zip(steps, slots, captions)):
             if not dropped[row]:
-                text = perturb_caption(caption, step_rng(self.seed, step, slot, _CONTRAST), exchanges=True)
+                text = self.perturb(caption, step_rng(self.seed, step, slot, _CONTRAST))
                 if text is not None:
                     index.append(row)
                     texts.append(text)
@@ -199,14 +206,14 @@ class TokenCacheBatches(pl.LightningDataModule):
     def __init__(self, text_tokenizer: Any, train_cache: Dataset, train_indices: Sequence[int],
                  val_cache: Dataset | None, val_indices: Sequence[int], *, batch_size: int, steps: int,
                  seed: int, caption_dropout: float, val_batches: int, num_workers: int,
-                 contrast: bool = False):
+                 contrast: bool = False, contrast_negatives: str = "any"):
         super().__init__()
         self.text_tokenizer = text_tokenizer
         self.train_cache, self.train_indices = train_cache, list(train_indices)
         self.val_cache, self.val_indices = val_cache, list(val_indices)
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.caption_dropout, self.val_batches, self.num_workers = caption_dropout, val_batches, num_workers
-        self.contrast = contrast
+        self.contrast, self.contrast_negatives = contrast, contrast_negatives
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -215,7 +222,8 @@ class TokenCacheBatches(pl.LightningDataModule):
                                    start_step=lambda: trainer.global_step)  # restored before iteration
         return ResumableDataLoader(
             KeyedDataset(self.train_cache), batch_sampler=sampler, num_workers=self.num_workers,
-            collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed, self.contrast),
+            collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed, self.contrast,
+                                      self.contrast_negatives),
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -225,5 +233,6 @@ class TokenCacheBatches(pl.LightningDataModule):
         sampler = FixedBatchSampler(self.val_indices, self.batch_size, self.val_batches,
                                     trainer.global_rank, trainer.world_size)
         return DataLoader(KeyedDataset(self.val_cache), batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed, self.contrast),
+                          collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed, self.contrast,
+                                                     self.contrast_negatives),
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)

@@ -19,7 +19,7 @@ gradient-norm clipping at 4, linear warm-up to the peak lr, then constant, cosin
 "halve on plateau" of the validation loss. An exponential moving average of the parameters is
 kept inside the LightningModule (`ema_model`), so it is saved in, and restored from, checkpoints.
 
-Under FSDP each `TransformerLoss` (raw and EMA) and each transformer block is its own FSDP unit:
+Under FSDP each `TransformerLoss` (transformer_loss.py; raw and EMA) and each transformer block is its own FSDP unit:
 the raw and EMA copies are then sharded identically, so the EMA update is a purely local lerp of
 matching shards, and the loss goes through the unit's forward, which gathers its parameters.
 """
@@ -34,7 +34,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -43,7 +42,8 @@ from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.pretrained import load_state_dict_strict
 from dalle_proto.training_callbacks import SampleGrid, StepCheckpoint
 from dalle_proto.transformer import Block, DalleTransformer, TransformerConfig
-from dalle_proto.transformer_data import TokenCacheBatches, split_indices, step_seed
+from dalle_proto.transformer_data import CONTRAST_NEGATIVES, TokenCacheBatches, split_indices, step_seed
+from dalle_proto.transformer_loss import TransformerLoss
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -69,6 +69,7 @@ class TransformerTrainConfig:
     # caption contrast (TransformerLoss): softplus(-beta * (log p(x | caption) - log p(x | perturbed)))
     contrast_weight: float = 0.0  # 0 disables; needs captions of the shapes grammar
     contrast_beta: float = 0.1  # per nat of the summed image log-likelihood ratio
+    contrast_negatives: str = "any"  # "any": one attribute changed | "binding": exchanges, copies, number
     init_from: str | None = None  # a transformer folder, or a pipeline folder with transformer/: start from its weights
     precision: str = "bf16-mixed"  # "32-true" for exactness tests; any Lightning precision string
     val_every: int = 500  # steps between validations; 0 disables validation
@@ -101,6 +102,7 @@ class TransformerTrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (0 <= self.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
             (self.contrast_weight >= 0 and self.contrast_beta > 0, "contrast_weight must be >= 0, contrast_beta > 0"),
+            (self.contrast_negatives in CONTRAST_NEGATIVES, f"contrast_negatives must be one of {CONTRAST_NEGATIVES}"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (min(self.val_every, self.val_batches, self.sample_every, self.grad_clip, self.num_workers) >= 0,
@@ -140,46 +142,6 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
-
-
-class TransformerLoss(torch.nn.Module):
-    """`forward` = DalleTransformer.loss, so that a wrapper (FSDP) that acts in forward sees the loss.
-
-    With contrast captions (`contrast_text_ids` (M, T) for rows `contrast_index` (M,)) and
-    `contrast_weight` w > 0, adds w * mean softplus(-beta * delta), delta = log p(x | caption) -
-    log p(x | perturbed caption), each the sum over the image's tokens: the image must be likelier
-    under its own caption than under one with, say, its two colours exchanged, which the plain
-    likelihood barely asks of a model that reads captions as a bag of words. Like Condition
-    Contrastive Alignment (arXiv 2410.09347), without its frozen reference model: the cross-entropy
-    keeps p(x | caption) a likelihood while the contrast sharpens the conditioning. The perturbed
-    rows ride in the same forward pass (batch B + M)."""
-
-    def __init__(self, transformer: DalleTransformer, contrast_weight: float = 0.0, contrast_beta: float = 0.1):
-        super().__init__()
-        self.transformer = transformer
-        self.contrast_weight, self.contrast_beta = contrast_weight, contrast_beta
-
-    def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor, contrast_text_ids: torch.Tensor | None = None,
-                contrast_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        if contrast_text_ids is None or len(contrast_text_ids) == 0:
-            return self.transformer.loss(text_ids, image_ids)
-        b, c = len(text_ids), self.transformer.config
-        text_logits, image_logits = self.transformer(torch.cat([text_ids, contrast_text_ids]),
-                                                     torch.cat([image_ids, image_ids[contrast_index]]))
-        targets = torch.cat([image_ids, image_ids[contrast_index]])  # (B + M, N)
-        nll = F.cross_entropy(image_logits.float().flatten(0, 1), targets.flatten(),
-                              reduction="none").view_as(targets)  # (B + M, N)
-        image_loss = nll[:b].mean()
-        if c.text_loss_weight > 0:
-            text_loss = F.cross_entropy(text_logits[:b].float().flatten(0, 1), text_ids[:, 1:].flatten())
-        else:
-            text_loss = image_loss.new_zeros(())
-        delta = nll[b:].sum(1) - nll[:b][contrast_index].sum(1)  # (M,) log p(x|c) - log p(x|c')
-        contrast = F.softplus(-self.contrast_beta * delta).mean()
-        loss = c.text_loss_weight * text_loss + c.image_loss_weight * image_loss + self.contrast_weight * contrast
-        return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach(),
-                      "contrast_loss": contrast.detach(), "contrast_acc": (delta > 0).float().mean().detach(),
-                      "contrast_delta": delta.mean().detach()}
 
 
 class TransformerLightningModule(pl.LightningModule):
@@ -328,7 +290,8 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     data = TokenCacheBatches(text_tokenizer, train_cache, train_indices, val_cache, val_indices,
                              batch_size=c.batch_size, steps=c.steps, seed=c.seed,
                              caption_dropout=c.caption_dropout, val_batches=c.val_batches if validates else 0,
-                             num_workers=c.num_workers, contrast=c.contrast_weight > 0)
+                             num_workers=c.num_workers, contrast=c.contrast_weight > 0,
+                             contrast_negatives=c.contrast_negatives)
 
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start

@@ -309,6 +309,35 @@ def test_contrast_negatives_are_seeded_perturbations_and_skip_dropped_or_foreign
     assert "contrast_text_ids" not in CaptionCollate(tok, True, 0.0, seed=3)(samples)
 
 
+def test_binding_negatives_exchange_or_copy_pair_attributes_and_change_the_number(world):
+    from dalle_proto.caption_perturbations import perturb_binding
+    from dalle_proto.datasets.shapes_grammar import is_held_out, parse_caption
+    rng = np.random.default_rng(0)
+    pair = "a red circle to the left of a blue square"
+    seen = {perturb_binding(pair, rng) for _ in range(200)}
+    # exchanges and copies only: the relation, the order and the set of attributes' words stay
+    assert seen == {"a blue circle to the left of a red square", "a red square to the left of a blue circle",
+                    "a red circle to the left of a red square", "a blue circle to the left of a blue square",
+                    "a red circle to the left of a blue circle", "a red square to the left of a blue square"}
+    assert {perturb_binding("three yellow triangles", rng) for _ in range(100)} == {
+        "two yellow triangles", "four yellow triangles"}
+    for _ in range(200):
+        single = parse_caption(perturb_binding("a large blue star in the top left", rng))["objects"][0]
+        assert (single["size"], single["position"]) == ("large", "in the top left")  # colour or shape only
+        assert (single["color"] == "blue") != (single["shape"] == "star")
+        assert not is_held_out(single["color"], single["shape"])
+    assert perturb_binding("a photo of my cat", rng) is None
+    # the collate draws them with negatives="binding"; an unknown kind is refused
+    tok = world["text_tokenizer"]
+    samples = [(7, slot, torch.zeros(8, 8, dtype=torch.int16), c) for slot, c in enumerate([pair] * 8)]
+    batch = CaptionCollate(tok, True, 0.0, seed=3, contrast=True, negatives="binding")(samples)
+    assert {tok.decode(ids.tolist()) for ids in batch["contrast_text_ids"]} <= seen
+    with pytest.raises(ValueError, match="contrast negatives must be one of"):
+        CaptionCollate(tok, True, 0.0, seed=3, contrast=True, negatives="hard")
+    with pytest.raises(ValueError, match="contrast_negatives must be one of"):
+        TransformerTrainConfig(contrast_negatives="hard")
+
+
 def test_contrast_loss_is_the_log_likelihood_ratio_of_caption_and_negative(world):
     from dalle_proto.transformer_training import TransformerLoss
 
