@@ -70,6 +70,7 @@ class TransformerTrainConfig:
     contrast_weight: float = 0.0  # 0 disables; needs captions of the shapes grammar
     contrast_beta: float = 0.1  # per nat of the summed image log-likelihood ratio
     contrast_negatives: str = "any"  # "any": one attribute changed | "binding": exchanges, copies, number
+    contrast_reference: bool = False  # CCA's form: both likelihoods against the frozen init_from weights
     init_from: str | None = None  # a transformer folder, or a pipeline folder with transformer/: start from its weights
     precision: str = "bf16-mixed"  # "32-true" for exactness tests; any Lightning precision string
     val_every: int = 500  # steps between validations; 0 disables validation
@@ -103,6 +104,8 @@ class TransformerTrainConfig:
             (0 <= self.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
             (self.contrast_weight >= 0 and self.contrast_beta > 0, "contrast_weight must be >= 0, contrast_beta > 0"),
             (self.contrast_negatives in CONTRAST_NEGATIVES, f"contrast_negatives must be one of {CONTRAST_NEGATIVES}"),
+            (not self.contrast_reference or (self.init_from is not None and self.contrast_weight > 0),
+             "contrast_reference needs contrast_weight > 0 and init_from (the reference is the starting model)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (min(self.val_every, self.val_batches, self.sample_every, self.grad_clip, self.num_workers) >= 0,
@@ -151,7 +154,8 @@ class TransformerLightningModule(pl.LightningModule):
     def __init__(self, transformer: DalleTransformer, config: TransformerTrainConfig):
         super().__init__()
         self.config = config
-        contrast = dict(contrast_weight=config.contrast_weight, contrast_beta=config.contrast_beta)
+        reference = copy.deepcopy(transformer) if config.contrast_reference else None  # the init_from weights
+        contrast = dict(contrast_weight=config.contrast_weight, contrast_beta=config.contrast_beta, reference=reference)
         self.model = TransformerLoss(transformer, **contrast)
         self.ema_model = (TransformerLoss(copy.deepcopy(transformer).requires_grad_(False), **contrast)
                           if config.ema_decay > 0 else None)

@@ -392,6 +392,53 @@ def test_contrast_loss_raises_the_margin_on_one_batch_and_training_logs_it(world
     assert any(r.get("val/contrast_delta") for r in rows) and any(r.get("train/contrast_acc") for r in rows)
 
 
+def test_contrast_reference_is_ccas_form_and_stays_out_of_the_module_tree(world, tmp_path):
+    import copy
+
+    from dalle_proto.transformer_training import TransformerLoss
+
+    c, tok = world["config"], world["text_tokenizer"]
+    torch.manual_seed(0)
+    reference = DalleTransformer(c).eval()
+    model = copy.deepcopy(reference)
+    loss_fn = TransformerLoss(model, contrast_weight=0.5, contrast_beta=0.2, reference=reference)
+    assert list(loss_fn.state_dict()) == ["transformer." + k for k in model.state_dict()]
+    assert len(list(loss_fn.parameters())) == len(list(model.parameters()))
+    text = torch.randint(0, c.text_vocab_size, (3, c.text_len))
+    image = torch.randint(0, c.image_vocab_size, (3, c.image_len))
+    negatives, index = torch.randint(0, c.text_vocab_size, (2, c.text_len)), torch.tensor([2, 0])
+    with torch.no_grad():
+        _, parts = loss_fn(text, image, negatives, index)  # equal weights: both log-ratios are 0
+        assert abs(parts["contrast_positive"].item()) < 1e-3 and abs(parts["contrast_negative"].item()) < 1e-3
+        assert abs(parts["contrast_loss"].item() - 2 * math.log(2)) < 1e-3
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+        def log_likelihood(net, t, x):  # summed over the image tokens
+            return -torch.nn.functional.cross_entropy(net(t[None], x[None])[1][0].float(), x, reduction="sum")
+        pos = torch.stack([log_likelihood(model, text[r], image[r]) - log_likelihood(reference, text[r], image[r])
+                           for r in index.tolist()])
+        neg = torch.stack([log_likelihood(model, negatives[j], image[r]) - log_likelihood(reference, negatives[j], image[r])
+                           for j, r in enumerate(index.tolist())])
+    loss, parts = loss_fn(text, image, negatives, index)
+    softplus = torch.nn.functional.softplus
+    expected = (softplus(-0.2 * pos) + softplus(0.2 * neg)).mean()
+    assert torch.allclose(parts["contrast_loss"], expected, atol=1e-4)
+    assert torch.allclose(loss, model.loss(text, image)[0] + 0.5 * expected, atol=1e-4)
+    loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+
+    with pytest.raises(ValueError, match="contrast_reference needs contrast_weight > 0 and init_from"):
+        TransformerTrainConfig(contrast_weight=1.0, contrast_reference=True)
+    reference.save_pretrained(tmp_path / "start")
+    config = fast_config(steps=2, contrast_weight=1.0, contrast_reference=True, caption_dropout=0.0,
+                         init_from=str(tmp_path / "start"))
+    train_transformer(c, config, tok, world["cache"], None, tmp_path / "run")
+    rows = list(csv.DictReader(open(next((tmp_path / "run" / "logs").glob("version_*/metrics.csv")))))
+    assert any(r.get("val/contrast_positive") for r in rows) and any(r.get("train/contrast_negative") for r in rows)
+    assert not any("_reference" in k for k in checkpoint(tmp_path / "run")["state_dict"])
+
+
 def test_init_from_starts_from_saved_weights_and_refuses_another_shape(world, tmp_path):
     torch.manual_seed(5)
     saved = DalleTransformer(world["config"])
