@@ -53,20 +53,25 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
     return None
 
 
-def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool = False) -> str | None:
+def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
+                    exchanges_only: bool = False) -> str | None:
     """A binding negative: a pair gets its colours or shapes exchanged, or one object's colour or
     shape copied onto the other; a count gets another number; a single object another colour or
-    shape. None outside the grammar or when no valid change was found (held-out pairs as above)."""
+    shape. None outside the grammar or when no valid change was found (held-out pairs as above).
+    `exchanges_only`: only a pair's exchanged colours or shapes, the one negative a bag of words
+    cannot reject; every other caption gets None."""
     try:
         spec = parse_caption(caption)
     except ValueError:
+        return None
+    if exchanges_only and spec["type"] != "pair":
         return None
     for _ in range(10):
         new = copy.deepcopy(spec)
         objects = new["objects"]
         key = ("color", "shape")[rng.integers(2)]
         if spec["type"] == "pair":
-            if rng.integers(2):
+            if exchanges_only or rng.integers(2):
                 objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
             else:
                 source = int(rng.integers(2))

@@ -153,7 +153,7 @@ class DallePipeline:
         if rerank is not None:
             if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 1:
                 raise ValueError(f"rerank must be an int >= 1 (candidates per image) or None, got {rerank!r}")
-            if self.clip is None:
+            if self.clip is None and rerank > 1:  # rerank=1 is one candidate: nothing to score
                 raise ValueError(f"rerank={rerank} needs a CLIP model, but this pipeline has none: add a "
                                  f"trained one as the pipeline folder's {CLIP_DIR}/ (dalle-proto train-clip) "
                                  "or set pipe.clip")

@@ -16,7 +16,8 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
   through the shapes grammar (`caption_perturbations.py`, exchanges included), from a generator
   seeded by (seed, step, slot); a caption outside the grammar, or a dropped one, gets none.
   `negatives="binding"` draws only the hard ones (`perturb_binding`: exchanged or copied pair
-  attributes, another number for a count).
+  attributes, another number for a count); `negatives="exchange"` only a pair's exchanged colours
+  or shapes (other captions get none).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dalle_proto.text_tokenizer import TruncationReportedOnce
 
 # separate random streams per purpose, so adding one never shifts another
 _ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST = 0, 1, 2, 3, 4
-CONTRAST_NEGATIVES = ("any", "binding")  # perturb_caption (one attribute, exchanges too) | perturb_binding
+CONTRAST_NEGATIVES = ("any", "binding", "exchange")  # perturb_caption | perturb_binding | its pair exchanges
 
 
 def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
@@ -144,7 +145,8 @@ class CaptionCollate:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if negatives not in CONTRAST_NEGATIVES:
             raise ValueError(f"contrast negatives must be one of {CONTRAST_NEGATIVES}, got {negatives!r}")
-        self.perturb = perturb_binding if negatives == "binding" else partial(perturb_caption, exchanges=True)
+        self.perturb = {"any": partial(perturb_caption, exchanges=True), "binding": perturb_binding,
+                        "exchange": partial(perturb_binding, exchanges_only=True)}[negatives]
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
         self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere

@@ -69,7 +69,7 @@ class TransformerTrainConfig:
     # caption contrast (TransformerLoss): softplus(-beta * (log p(x | caption) - log p(x | perturbed)))
     contrast_weight: float = 0.0  # 0 disables; needs captions of the shapes grammar
     contrast_beta: float = 0.1  # per nat of the summed image log-likelihood ratio
-    contrast_negatives: str = "any"  # "any": one attribute changed | "binding": exchanges, copies, number
+    contrast_negatives: str = "any"  # "any": one attribute changed | "binding": exchanges, copies, number | "exchange"
     contrast_reference: bool = False  # CCA's form: both likelihoods against the frozen init_from weights
     init_from: str | None = None  # a transformer folder, or a pipeline folder with transformer/: start from its weights
     precision: str = "bf16-mixed"  # "32-true" for exactness tests; any Lightning precision string

@@ -195,9 +195,13 @@ def test_rerank_keeps_the_best_scored_candidate_per_image(pipe):
     np.testing.assert_array_equal(best, candidates[chosen.numpy()])
 
 
-def test_rerank_without_clip_is_a_clear_error(pipe):
+def test_rerank_without_clip_is_a_clear_error_except_one_candidate(pipe):
     with pytest.raises(ValueError, match="CLIP"):
         pipe("a red circle", num_images=1, rerank=2)
+    # rerank=1 is "one sample" (issue 16's measure): it needs no CLIP and draws what no rerank draws
+    assert pipe.clip is None
+    np.testing.assert_array_equal(pixels(pipe("a red circle", num_images=2, rerank=1, seed=4)),
+                                  pixels(pipe("a red circle", num_images=2, seed=4)))
     with pytest.raises(ValueError, match="rerank must be an int >= 1"):
         DallePipeline(pipe.text_tokenizer, pipe.image_tokenizer, pipe.transformer, clip=FakeClip())(
             "a red circle", rerank=0)

@@ -327,11 +327,21 @@ def test_binding_negatives_exchange_or_copy_pair_attributes_and_change_the_numbe
         assert (single["color"] == "blue") != (single["shape"] == "star")
         assert not is_held_out(single["color"], single["shape"])
     assert perturb_binding("a photo of my cat", rng) is None
+    # exchanges only: the same words in another order, and nothing for other scene kinds
+    for _ in range(20):
+        exchanged = perturb_binding(pair, rng, exchanges_only=True)
+        assert exchanged != pair and sorted(exchanged.split()) == sorted(pair.split())
+        assert parse_caption(exchanged)["relation"] == parse_caption(pair)["relation"]
+    assert perturb_binding("three red circles", rng, exchanges_only=True) is None
+    assert perturb_binding("a large blue star in the top left", rng, exchanges_only=True) is None
     # the collate draws them with negatives="binding"; an unknown kind is refused
     tok = world["text_tokenizer"]
     samples = [(7, slot, torch.zeros(8, 8, dtype=torch.int16), c) for slot, c in enumerate([pair] * 8)]
     batch = CaptionCollate(tok, True, 0.0, seed=3, contrast=True, negatives="binding")(samples)
     assert {tok.decode(ids.tolist()) for ids in batch["contrast_text_ids"]} <= seen
+    mixed = [(7, slot, torch.zeros(8, 8, dtype=torch.int16), c) for slot, c in enumerate([pair, "three red circles"] * 2)]
+    batch = CaptionCollate(tok, True, 0.0, seed=3, contrast=True, negatives="exchange")(mixed)
+    assert batch["contrast_index"].tolist() == [0, 2]  # the pairs only
     with pytest.raises(ValueError, match="contrast negatives must be one of"):
         CaptionCollate(tok, True, 0.0, seed=3, contrast=True, negatives="hard")
     with pytest.raises(ValueError, match="contrast_negatives must be one of"):
