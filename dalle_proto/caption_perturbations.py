@@ -14,7 +14,8 @@ pair (SHAPES.md: those never appear in training captions); a caption outside the
 from __future__ import annotations
 
 import copy
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,28 +30,11 @@ def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool
     objects' colours or shapes exchanged. `copies`: instead, a pair gets one object's colour or shape
     copied onto the other, which may leave two identical objects (never a training caption, but
     what sampled pairs often show); other captions get None."""
-    try:
-        spec = parse_caption(caption)
-    except ValueError:
+    spec = _parse(caption)
+    if spec is None or (copies and spec["type"] != "pair"):
         return None
-    if copies and spec["type"] != "pair":
-        return None
-    for _ in range(10):
-        new = copy.deepcopy(spec)
-        if copies:
-            key, source = ("color", "shape")[rng.integers(2)], int(rng.integers(2))
-            new["objects"][1 - source][key] = new["objects"][source][key]
-        else:
-            _change_one(new, rng, exchanges)
-        pairs = [(o["color"], o["shape"]) for o in new["objects"]]
-        if new["type"] == "pair" and pairs[0] == pairs[1] and not copies:
-            continue  # the grammar's pairs differ in colour or shape
-        if not allow_held_out and any(is_held_out(*p) for p in pairs):
-            continue
-        text = compose_caption(new)
-        if text != caption:
-            return text
-    return None
+    change = _copy_one if copies else partial(_change_one, exchanges=exchanges)
+    return _first_valid(spec, caption, rng, change, allow_held_out, distinct_pair=not copies)
 
 
 def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
@@ -60,32 +44,61 @@ def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool
     shape. None outside the grammar or when no valid change was found (held-out pairs as above).
     `exchanges_only`: only a pair's exchanged colours or shapes, the one negative a bag of words
     cannot reject; every other caption gets None."""
+    spec = _parse(caption)
+    if spec is None or (exchanges_only and spec["type"] != "pair"):
+        return None
+    change = partial(_change_binding, exchanges_only=exchanges_only)
+    return _first_valid(spec, caption, rng, change, allow_held_out, distinct_pair=False)
+
+
+def _parse(caption: str) -> dict | None:
     try:
-        spec = parse_caption(caption)
+        return parse_caption(caption)
     except ValueError:
         return None
-    if exchanges_only and spec["type"] != "pair":
-        return None
+
+
+def _first_valid(spec: dict, caption: str, rng: np.random.Generator,
+                 change: Callable[[dict, np.random.Generator], None], allow_held_out: bool,
+                 distinct_pair: bool) -> str | None:
+    """Up to 10 tries of `change` on a copy of `spec`: the first caption that differs from `caption`,
+    names no held-out pair (unless allowed) and, with `distinct_pair`, keeps a pair's two objects
+    apart (the grammar's pairs differ in colour or shape); None if every try fails."""
     for _ in range(10):
         new = copy.deepcopy(spec)
-        objects = new["objects"]
-        key = ("color", "shape")[rng.integers(2)]
-        if spec["type"] == "pair":
-            if exchanges_only or rng.integers(2):
-                objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
-            else:
-                source = int(rng.integers(2))
-                objects[1 - source][key] = objects[source][key]
-        elif spec["type"] == "count":
-            new["number"] = _other(rng, list(NUMBERS.values()), new["number"])
-        else:
-            objects[0][key] = _other(rng, list(COLORS if key == "color" else SHAPES), objects[0][key])
-        if not allow_held_out and any(is_held_out(o["color"], o["shape"]) for o in objects):
+        change(new, rng)
+        pairs = [(o["color"], o["shape"]) for o in new["objects"]]
+        if distinct_pair and new["type"] == "pair" and pairs[0] == pairs[1]:
+            continue
+        if not allow_held_out and any(is_held_out(*p) for p in pairs):
             continue
         text = compose_caption(new)
         if text != caption:
             return text
     return None
+
+
+def _copy_one(spec: dict, rng: np.random.Generator) -> None:
+    """A pair's colour or shape copied from one object onto the other, in place."""
+    key, source = ("color", "shape")[rng.integers(2)], int(rng.integers(2))
+    spec["objects"][1 - source][key] = spec["objects"][source][key]
+
+
+def _change_binding(spec: dict, rng: np.random.Generator, exchanges_only: bool) -> None:
+    """perturb_binding's change, in place: a pair's colours or shapes exchanged or copied, a count's
+    number, a single object's colour or shape."""
+    objects = spec["objects"]
+    key = ("color", "shape")[rng.integers(2)]
+    if spec["type"] == "pair":
+        if exchanges_only or rng.integers(2):
+            objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
+        else:
+            source = int(rng.integers(2))
+            objects[1 - source][key] = objects[source][key]
+    elif spec["type"] == "count":
+        spec["number"] = _other(rng, list(NUMBERS.values()), spec["number"])
+    else:
+        objects[0][key] = _other(rng, list(COLORS if key == "color" else SHAPES), objects[0][key])
 
 
 def _change_one(spec: dict, rng: np.random.Generator, exchanges: bool) -> None:

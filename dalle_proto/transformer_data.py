@@ -34,7 +34,10 @@ from dalle_proto.text_tokenizer import TruncationReportedOnce
 
 # separate random streams per purpose, so adding one never shifts another
 _ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST = 0, 1, 2, 3, 4
-CONTRAST_NEGATIVES = ("any", "binding", "exchange")  # perturb_caption | perturb_binding | its pair exchanges
+# caption-contrast negatives by name: one attribute changed (exchanges too) | binding ones | pair exchanges only
+_PERTURBATIONS = {"any": partial(perturb_caption, exchanges=True), "binding": perturb_binding,
+                  "exchange": partial(perturb_binding, exchanges_only=True)}
+CONTRAST_NEGATIVES = tuple(_PERTURBATIONS)
 
 
 def step_rng(seed: int, step: int, slot: int, purpose: int) -> np.random.Generator:
@@ -145,8 +148,7 @@ class CaptionCollate:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if negatives not in CONTRAST_NEGATIVES:
             raise ValueError(f"contrast negatives must be one of {CONTRAST_NEGATIVES}, got {negatives!r}")
-        self.perturb = {"any": partial(perturb_caption, exchanges=True), "binding": perturb_binding,
-                        "exchange": partial(perturb_binding, exchanges_only=True)}[negatives]
+        self.perturb = _PERTURBATIONS[negatives]
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
         self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere

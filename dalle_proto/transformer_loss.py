@@ -50,9 +50,7 @@ class TransformerLoss(torch.nn.Module):
         b, c = len(text_ids), self.transformer.config
         text_logits, image_logits = self.transformer(torch.cat([text_ids, contrast_text_ids]),
                                                      torch.cat([image_ids, image_ids[contrast_index]]))
-        targets = torch.cat([image_ids, image_ids[contrast_index]])  # (B + M, N)
-        nll = F.cross_entropy(image_logits.float().flatten(0, 1), targets.flatten(),
-                              reduction="none").view_as(targets)  # (B + M, N)
+        nll = _token_nll(image_logits, torch.cat([image_ids, image_ids[contrast_index]]))  # (B + M, N)
         image_loss = nll[:b].mean()
         if c.text_loss_weight > 0:
             text_loss = F.cross_entropy(text_logits[:b].float().flatten(0, 1), text_ids[:, 1:].flatten())
@@ -84,7 +82,10 @@ class TransformerLoss(torch.nn.Module):
             reference.to(image_ids.device)
         texts = torch.cat([text_ids[contrast_index], contrast_text_ids])  # (2M, T)
         images = image_ids[contrast_index].repeat(2, 1)  # (2M, N)
-        _, logits = reference(texts, images)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), images.flatten(), reduction="none").view_as(images)
-        log_likelihood = -nll.sum(1)  # (2M,)
+        log_likelihood = -_token_nll(reference(texts, images)[1], images).sum(1)  # (2M,)
         return log_likelihood[:len(contrast_index)], log_likelihood[len(contrast_index):]
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy, in fp32: logits (R, N, V), targets (R, N) -> (R, N)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
