@@ -201,7 +201,7 @@ def forward_with_attention(model, text_ids: torch.Tensor, image_ids: torch.Tenso
     c = model.config
     t, n, h, d = c.text_len, c.image_len, c.heads, c.head_dim
     masks = model.masks()
-    x = torch.cat([model.text_embedding(text_ids) + model.text_position,
+    x = torch.cat([model._embed_text(text_ids),  # the caption after any text encoder
                    model.image_embedding(image_ids) + model._image_position()], dim=1)  # (B, T+N, D)
     b, length, _ = x.shape
     text_probs, layer_diffs = [], []
@@ -355,7 +355,8 @@ def run_category(pipe, category: str, count: int, seed: int, batch_size: int) ->
         found = {**labels, **{f"ce_{cond}": v for cond, v in ce.items()}, **exchanged_words,
                  **{f"words_{key}_true": v for key, v in word_attention(text_probs, picks, labels).items()},
                  **first_difference_choices(pipe, category, batch, image_ids, {"true": logits, "null": null_logits}),
-                 "mass": caption_mass(text_probs, text_ids, c.text_vocab_size)}
+                 "mass": caption_mass(text_probs, text_ids, c.text_vocab_size),
+                 "vertical": np.array([" above " in cap or " below " in cap for cap in captions])}
         for key, values in found.items():
             rec.setdefault(key, []).append(values)
         print(f"  {category}: {start + len(batch)}/{len(scenes)} scenes", file=sys.stderr, flush=True)
@@ -506,6 +507,12 @@ def summarise(category: str, data: dict, verify: dict) -> dict:
     extra = {}
     if category == "pair":
         extra["subject_raster_first_fraction"] = round(float((data["rank"][:, 0] == 0).mean()), 4)
+        # above / below: the raster-first object is the upper one, so the caption alone says which
+        # object comes first; left / right: only the first object's column hints at it
+        extra["exchange_by_axis"] = {
+            axis: {change: choice_summary({k: data[k][sel] for k in (f"choice_{change}", "owner", "near", "start")},
+                                          change)["caption_effect"] for change in ("swap_colors", "swap_shapes")}
+            for axis, sel in (("above_below", data["vertical"]), ("left_right", ~data["vertical"]))}
     near = data["near"]
     extra["image_tokenizer_recode"] = {  # fraction of tokens whose code changes with the objects' colour / shape
         f"{key}_{name}": mean_se(scene_means(data[f"recode_{key}"].astype(float), sel))["mean"]

@@ -14,7 +14,8 @@ classifier-free guidance is all pads, ids V + arange(T) (`null_text_ids`).
 Attention: text -> text causal, every image token sees all text, image -> image per layer by the
 paper's sparse masks (`attention_masks.py`). Pre-LayerNorm blocks (optionally CogView's sandwich
 LN), GELU MLP, GPT-2 init. The KV-cache entry points used by `sampling.py` are `prefill_text` and
-`decode_image_token`; they share every weight and mask with `forward`.
+`decode_image_token`; they share every weight and mask with `forward`. With `text_encoder_depth` > 0
+(prefix-LM text only) the caption first passes through that many unmasked blocks of its own.
 
 Two options express minDALL-E's stage-2 GPT (`mindalle.py` converts its weights; with
 `attention="full"` it is the same network): `text_pad_id` (its text tokenizer pads with one [PAD]
@@ -63,8 +64,10 @@ class SelfAttention(nn.Module):
         b, h, n, d = o.shape
         return self.out(o.transpose(1, 2).reshape(b, n, h * d))
 
-    def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, T+N, D)
+    def forward(self, x: torch.Tensor, masks: dict) -> torch.Tensor:  # (B, T+N, D), or (B, T, D) for "text"
         p = self.dropout if self.training else 0.0
+        if self.kind == "text":  # a text encoder layer: the caption alone, every token sees every other
+            return self._merge(F.scaled_dot_product_attention(*self._split(x), dropout_p=p))
         if self.kind != "full" and not masks["dense"]:
             return self.out(block_sparse_attention(self._qkv(x), masks["text_bias"], masks[f"{self.kind}_image_bias"],
                                                    transposed=self.kind == "column", dropout_p=p))
@@ -144,6 +147,7 @@ class DalleTransformer(nn.Module):
             self.image_column = nn.Parameter(torch.zeros(c.image_grid, c.dim))
             positions = (self.image_row, self.image_column)
         self.embed_dropout = nn.Dropout(c.dropout)
+        self.text_encoder = nn.ModuleList(Block(c, "text") for _ in range(c.text_encoder_depth))
         self.kinds = layer_attention_kinds(c.depth, c.attention)
         self.blocks = nn.ModuleList(Block(c, kind) for kind in self.kinds)
         self.final_norm = nn.LayerNorm(c.dim)
@@ -170,6 +174,9 @@ class DalleTransformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.depth))
         for p in (self.text_position, *positions):
             nn.init.normal_(p, mean=0.0, std=0.02)
+        for block in self.text_encoder:  # each encoder block starts as the identity (DiT's adaLN-zero
+            # idea): a trained model given an encoder (training.init_from) computes what it did before
+            nn.init.zeros_(block.attn.out.weight), nn.init.zeros_(block.mlp.proj.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -216,7 +223,10 @@ class DalleTransformer(nn.Module):
                              f"(image_grid {c.image_grid}**2), got {tuple(image_ids.shape)}")
 
     def _embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
-        return self.text_embedding(text_ids) + self.text_position
+        x = self.text_embedding(text_ids) + self.text_position  # (B, T, D)
+        for block in self.text_encoder:  # empty unless text_encoder_depth > 0
+            x = block(x, {})
+        return x
 
     def _image_position(self) -> torch.Tensor:  # (N, D): row embedding + column embedding, or raster
         if self.config.image_position == "raster":

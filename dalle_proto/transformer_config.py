@@ -40,6 +40,10 @@ class TransformerConfig:
     text_pad_id: int | None = None
     # "row_column": a row embedding plus a column embedding; "raster": one per position (minDALL-E)
     image_position: str = "row_column"
+    # bidirectional blocks over the caption alone, run before the main stack (0: none, the paper). With
+    # prefix-LM text, layer l's image queries read text states mixed by only l layers; an encoder gives
+    # every layer's image queries text whose colour words have already met their shape words.
+    text_encoder_depth: int = 0
 
     def __post_init__(self):
         for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "dim", "depth",
@@ -63,6 +67,13 @@ class TransformerConfig:
         if self.text_pad_id is not None and not 0 <= self.text_pad_id < self.text_vocab_size:
             raise ValueError(f"TransformerConfig.text_pad_id must be None or in [0, text_vocab_size="
                              f"{self.text_vocab_size}), got {self.text_pad_id}")
+        if not isinstance(self.text_encoder_depth, int) or isinstance(self.text_encoder_depth, bool) \
+                or self.text_encoder_depth < 0:
+            raise ValueError(f"TransformerConfig.text_encoder_depth must be an int >= 0, got {self.text_encoder_depth!r}")
+        if self.text_encoder_depth > 0 and not self.bidirectional_text:
+            raise ValueError(f"TransformerConfig.text_encoder_depth={self.text_encoder_depth} encodes the caption "
+                             "bidirectionally, so the text cannot be a next-token target: set "
+                             "text_attention='bidirectional' and text_loss_weight=0")
         if self.image_position not in ("row_column", "raster"):
             raise ValueError(f"TransformerConfig.image_position must be 'row_column' or 'raster', "
                              f"got {self.image_position!r}")

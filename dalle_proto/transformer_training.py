@@ -26,6 +26,7 @@ matching shards, and the loss goes through the unit's forward, which gathers its
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -368,11 +369,20 @@ def _export(transformer_config: TransformerConfig, config: TransformerTrainConfi
 
 def _init_from(model: DalleTransformer, path: str) -> None:
     """Load the weights of a saved transformer (or a pipeline folder's transformer/) into `model`,
-    whose config must be the saved one's: fine-tuning starts from them."""
+    whose config must be the saved one's: fine-tuning starts from them. One difference is allowed: a
+    model without a text encoder may start a run that adds one (`text_encoder_depth`); the new
+    encoder blocks keep their identity init, so the run starts from the saved model's function."""
     folder = Path(path)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     source = DalleTransformer.from_pretrained(folder)  # names a missing or broken file itself
+    if source.config.text_encoder_depth == 0 < model.config.text_encoder_depth and \
+            dataclasses.replace(source.config, text_encoder_depth=model.config.text_encoder_depth) == model.config:
+        encoder = {k: v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
+        model.load_state_dict({**source.state_dict(), **encoder})
+        rank_zero_info(f"initialised the transformer from {folder}, with {model.config.text_encoder_depth} "
+                       "new identity text encoder blocks")
+        return
     if source.config != model.config:
         differ = {k: (v, getattr(model.config, k)) for k, v in vars(source.config).items()
                   if getattr(model.config, k) != v}

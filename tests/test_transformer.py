@@ -230,3 +230,37 @@ def test_one_pad_id_and_raster_positions_minDALL_E_layout(tmp_path):
         small_config(text_pad_id=50)
     with pytest.raises(ValueError, match="image_position must be 'row_column' or 'raster'"):
         small_config(image_position="1d")
+
+
+def test_text_encoder_blocks_read_the_whole_caption_before_the_main_stack():
+    c = small_config(text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=2)
+    model = DalleTransformer(c).eval()
+    plain = DalleTransformer(small_config(text_attention="bidirectional", text_loss_weight=0.0))
+    block = sum(p.numel() for p in model.text_encoder[0].parameters())
+    assert len(model.text_encoder) == 2 and model.num_parameters() == plain.num_parameters() + 2 * block
+    assert len(model.blocks) == c.depth and model.kinds == plain.kinds  # the KV cache's layers are unchanged
+    text, image = random_batch(c)
+    encoded = model._embed_text(text)  # (B, T, D)
+    assert encoded.shape == (2, c.text_len, c.dim)
+    text2 = text.clone()
+    text2[0, -1] = (text2[0, -1] + 1) % c.text_vocab_size
+    assert not torch.allclose(model._embed_text(text2)[0, 0], encoded[0, 0])  # the first word sees the last
+    assert torch.equal(model._embed_text(text2)[1], encoded[1])
+    assert_image_tokens_are_causal(model, text, image)
+    loss, _ = model.loss(text, image)
+    loss.backward()
+    assert all(p.grad is not None for p in model.text_encoder.parameters())
+    with pytest.raises(ValueError, match="set text_attention='bidirectional'"):
+        small_config(text_encoder_depth=1)
+    with pytest.raises(ValueError, match="text_encoder_depth must be an int >= 0"):
+        small_config(text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=-1)
+
+
+def test_text_encoder_save_load_round_trip(tmp_path):
+    c = small_config(text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=1)
+    model = DalleTransformer(c).eval()
+    model.save_pretrained(tmp_path / "t")
+    loaded = DalleTransformer.from_pretrained(tmp_path / "t")
+    assert loaded.config == c
+    text, image = random_batch(c)
+    assert torch.equal(loaded(text, image)[1], model(text, image)[1])

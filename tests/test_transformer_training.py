@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -463,3 +464,25 @@ def test_init_from_starts_from_saved_weights_and_refuses_another_shape(world, tm
         DalleTransformer(other).save_pretrained(tmp_path / "shallow")
         train_transformer(world["config"], fast_config(init_from=str(tmp_path / "shallow")), world["text_tokenizer"],
                           world["cache"], None, tmp_path / "b")
+
+
+def test_init_from_may_add_a_text_encoder_that_starts_as_the_identity(world, tmp_path):
+    from dalle_proto.transformer_training import _init_from
+
+    prefix = dict(text_attention="bidirectional", text_loss_weight=0.0)
+    base = dataclasses.replace(world["config"], **prefix)
+    torch.manual_seed(7)
+    saved = DalleTransformer(base).eval()
+    saved.save_pretrained(tmp_path / "base")
+    torch.manual_seed(8)
+    grown = DalleTransformer(dataclasses.replace(base, text_encoder_depth=2)).eval()
+    _init_from(grown, str(tmp_path / "base"))
+    text = torch.randint(0, base.text_vocab_size, (2, base.text_len))
+    image = torch.randint(0, base.image_vocab_size, (2, base.image_len))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(text, image)[1], saved(text, image)[1], atol=1e-5, rtol=0)
+    grown.save_pretrained(tmp_path / "grown")
+    with pytest.raises(ValueError, match=r"init_from=.*text_encoder_depth \(2 saved, 0 here\)"):
+        _init_from(DalleTransformer(base), str(tmp_path / "grown"))  # dropping an encoder would lose weights
+    with pytest.raises(ValueError, match=r"init_from=.*depth \(2 saved, 3 here\)"):
+        _init_from(DalleTransformer(dataclasses.replace(base, depth=3, text_encoder_depth=1)), str(tmp_path / "base"))
