@@ -304,7 +304,7 @@ def test_init_from_fixes_the_parts(release, tmp_path):
     with pytest.raises(SystemExit, match=r"override 'transformer.depth=3' has no effect on train: depth=2 is in "
                                          r"force, from .*transformer/config.json"):
         main(["train", f"out_dir={out}", f"init_from={source}", "transformer.depth=3"])
-    shapes = str(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml")  # transformer.size: peer
+    shapes = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_paper.yaml")  # sets only transformer.size: peer
     with pytest.raises(SystemExit, match=r"init_from=.* fixes the transformer .* but this run config sets "
                                          r"transformer.size='peer'.*drop the transformer section"):
         main(["train", "--config", shapes, f"out_dir={out}", f"init_from={source}"])

@@ -56,6 +56,9 @@ def test_kv_cache_logits_equal_full_forward(attention):
 @pytest.mark.parametrize("attention,encoder", [("sparse", 0), ("full", 0), ("conv", 0), ("sparse", 2)])
 def test_kv_cache_logits_equal_full_forward_with_bidirectional_text(attention, encoder):
     model = make_model(attention, text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=encoder)
+    with torch.no_grad():  # encoder blocks start as the identity (zero residual writes): make them act
+        for block in model.text_encoder:
+            block.attn.out.weight.normal_(std=0.1), block.mlp.proj.weight.normal_(std=0.1)
     text = text_batch(model)
     for cfg_scale in (1.0, 3.0):
         tokens, logits = generate_image_tokens_with_logits(model, text, seed=0, cfg_scale=cfg_scale)

@@ -240,8 +240,13 @@ def test_text_encoder_blocks_read_the_whole_caption_before_the_main_stack():
     assert len(model.text_encoder) == 2 and model.num_parameters() == plain.num_parameters() + 2 * block
     assert len(model.blocks) == c.depth and model.kinds == plain.kinds  # the KV cache's layers are unchanged
     text, image = random_batch(c)
+    raw = model.text_embedding(text) + model.text_position  # (B, T, D)
+    assert torch.equal(model._embed_text(text), raw)  # each block starts as the identity (zero residual writes)
+    with torch.no_grad():  # as after training: the blocks write into the residual stream
+        for block in model.text_encoder:
+            block.attn.out.weight.normal_(std=0.02), block.mlp.proj.weight.normal_(std=0.02)
     encoded = model._embed_text(text)  # (B, T, D)
-    assert encoded.shape == (2, c.text_len, c.dim)
+    assert encoded.shape == (2, c.text_len, c.dim) and not torch.allclose(encoded, raw)
     text2 = text.clone()
     text2[0, -1] = (text2[0, -1] + 1) % c.text_vocab_size
     assert not torch.allclose(model._embed_text(text2)[0, 0], encoded[0, 0])  # the first word sees the last
