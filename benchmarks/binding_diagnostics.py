@@ -456,12 +456,15 @@ def word_summary(category: str, data: dict, depth: int) -> list[dict]:
     return words
 
 
-def choice_summary(data: dict, change: str) -> dict:
+def choice_summary(data: dict, change: str, select: np.ndarray | None = None) -> dict:
     """The two-way choice at the first token where an alternative rendering differs: how often the
     true code is more likely than the alternative's under the true caption, the null caption and the
-    alternative's own caption, mean margins (nats), and where that token lies."""
+    alternative's own caption, mean margins (nats), and where that token lies; over the scenes in
+    `select` (S,) if given, else all."""
     table = data[f"choice_{change}"]  # (S, 4): first differing token (-1: none), margins true / null / alternative
     valid = table[:, 0] >= 0
+    if select is not None:
+        valid &= select
     first = table[valid, 0].astype(int)
     owner, near = data["owner"][valid], data["near"][valid]
     rows = np.arange(len(first))
@@ -510,8 +513,7 @@ def summarise(category: str, data: dict, verify: dict) -> dict:
         # above / below: the raster-first object is the upper one, so the caption alone says which
         # object comes first; left / right: only the first object's column hints at it
         extra["exchange_by_axis"] = {
-            axis: {change: choice_summary({k: data[k][sel] for k in (f"choice_{change}", "owner", "near", "start")},
-                                          change)["caption_effect"] for change in ("swap_colors", "swap_shapes")}
+            axis: {change: choice_summary(data, change, sel)["caption_effect"] for change in ("swap_colors", "swap_shapes")}
             for axis, sel in (("above_below", data["vertical"]), ("left_right", ~data["vertical"]))}
     near = data["near"]
     extra["image_tokenizer_recode"] = {  # fraction of tokens whose code changes with the objects' colour / shape
