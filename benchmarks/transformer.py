@@ -2,6 +2,7 @@
 
     python3 benchmarks/transformer.py                   # train + sample, bf16 autocast and fp32
     python3 benchmarks/transformer.py --only sample --dtypes bf16
+    python3 benchmarks/transformer.py --only train --dtypes bf16 --shapes --dim 128 --heads 4   # configs/shapes.yaml
 
 Model: `TransformerConfig.from_size("peer")` (dim 256, depth 8, heads 8 x 32, text 64 tokens over
 1024 BPE ids, image 16x16 tokens over 512 codes) with the paper's sparse attention (row / column /
@@ -71,7 +72,7 @@ def train_flops(model: DalleTransformer, batch: int) -> float:
                                                                                 "image_column"))
     tokens = batch * (c.text_len + c.image_len)
     inner = c.heads * c.head_dim
-    t, n, g = c.text_len, c.image_len, c.image_grid
+    t, n = c.text_len, c.image_len
     attention = 0
     for kind in model.kinds:  # query x key pairs each layer actually computes
         if kind == "full":
@@ -83,19 +84,21 @@ def train_flops(model: DalleTransformer, batch: int) -> float:
     return 6 * matmul_params * tokens + 3 * batch * attention
 
 
-def bench_train(model: DalleTransformer, dtype: str, warmup: int, iters: int) -> dict:
+def bench_train(model: DalleTransformer, dtype: str, warmup: int, iters: int, batch: int = TRAIN_BATCH,
+                compile: bool = False) -> dict:
     c = model.config
     model.train()
     opt = torch.optim.AdamW(optimizer_param_groups(model, 4.5e-2), lr=1e-4, betas=(0.9, 0.96), eps=1e-8,
                             fused=True)  # as TransformerLightningModule.configure_optimizers
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, c.text_total_vocab, (TRAIN_BATCH, c.text_len), generator=g)
-    image = torch.randint(0, c.image_vocab_size, (TRAIN_BATCH, c.image_len), generator=g)
+    text = torch.randint(0, c.text_total_vocab, (batch, c.text_len), generator=g)
+    image = torch.randint(0, c.image_vocab_size, (batch, c.image_len), generator=g)
+    loss_fn = torch.compile(model.loss) if compile else model.loss
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with autocast(dtype):
-            loss, _ = model.loss(text, image)
+            loss, _ = loss_fn(text, image)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
         opt.step()
@@ -109,7 +112,7 @@ def bench_train(model: DalleTransformer, dtype: str, warmup: int, iters: int) ->
         step()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return {"train_samples_per_s": TRAIN_BATCH / med, "train_samples_per_s_best": TRAIN_BATCH / min(times),
+    return {"train_samples_per_s": batch / med, "train_samples_per_s_best": batch / min(times),
             "train_step_s_median": med}
 
 
@@ -138,6 +141,14 @@ def main() -> None:
     parser.add_argument("--only", choices=["train", "sample"], default=None)
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
     parser.add_argument("--attention", default="sparse", help="sparse | full | row | column | conv")
+    parser.add_argument("--shapes", action="store_true",
+                        help="the shapes run's text instead of the peer's: 16 positions over configs/shapes.yaml's "
+                             "387 BPE ids, read as a prefix LM (text_attention bidirectional, no text loss)")
+    parser.add_argument("--dim", type=int, default=None, help="model width (default: the peer's 256)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads of 32 (default: the peer's 8)")
+    parser.add_argument("--depth", type=int, default=None, help="layers (default: the peer's 8)")
+    parser.add_argument("--batch", type=int, default=TRAIN_BATCH, help=f"training batch (default: {TRAIN_BATCH})")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -147,16 +158,20 @@ def main() -> None:
     retained = False if args.default_malloc else retain_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DalleTransformer(TransformerConfig.from_size("peer", attention=args.attention))
-    result: dict = {"attention": args.attention, "threads": torch.get_num_threads(),
+    overrides = {k: getattr(args, k) for k in ("dim", "heads", "depth") if getattr(args, k) is not None}
+    if args.shapes:
+        overrides.update(text_len=16, text_vocab_size=387, text_attention="bidirectional", text_loss_weight=0.0)
+    model = DalleTransformer(TransformerConfig.from_size("peer", attention=args.attention, **overrides))
+    result: dict = {"attention": args.attention, "overrides": overrides, "batch": args.batch,
+                    "compile": args.compile, "threads": torch.get_num_threads(),
                     "params_millions": round(model.num_parameters() / 1e6, 3), "torch": torch.__version__,
                     "retain_freed_memory": retained}
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     result.update(matmul_peak_gflops_fp32=round(peak["fp32"], 1), matmul_peak_gflops_bf16=round(peak["bf16"], 1))
-    flops = train_flops(model, TRAIN_BATCH)
+    flops = train_flops(model, args.batch)
     for dtype in args.dtypes:
         if args.only in (None, "train"):
-            r = bench_train(model, dtype, args.warmup, args.iters)
+            r = bench_train(model, dtype, args.warmup, args.iters, args.batch, args.compile)
             gflops = flops / r["train_step_s_median"] / 1e9
             r.update(train_gflops=gflops, train_fraction_of_peak=gflops / peak[dtype])
             result.update({f"{k}_{dtype}": round(v, 4) for k, v in r.items()})
