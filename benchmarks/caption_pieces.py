@@ -21,7 +21,6 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from dalle_proto.bpe_dropout import BpeMerges  # noqa: E402
 from dalle_proto.datasets.shapes import sample_scene  # noqa: E402
 from dalle_proto.text_tokenizer import TextTokenizer  # noqa: E402
 
@@ -36,27 +35,24 @@ def main() -> None:
     args = parser.parse_args()
     tok = TextTokenizer.from_pretrained(args.tokenizer)
     p = tok.config.bpe_dropout if args.p is None else args.p
-    raw = tok._tokenizer  # the `tokenizers` object: its normaliser and pre-tokenizer feed BpeMerges
-    merges = BpeMerges.from_tokenizer_json(json.loads(raw.to_str()), args.tokenizer)
     rows: dict[str, list[tuple[int, int, bool]]] = {}
     for index in range(args.count):
         caption, truth = sample_scene(0, index, mix=args.mix)
         clean = tok.encode_ids(caption)  # eval mode
-        pieces = [piece for piece, _ in raw.pre_tokenizer.pre_tokenize_str(raw.normalizer.normalize_str(caption))]
-        dropped = merges.encode(pieces, p, np.random.default_rng([args.seed, index]))
+        dropped = tok.dropout_ids(caption, np.random.default_rng([args.seed, index]), p)
         seen = dropped if len(dropped) <= tok.text_len else clean
         rows.setdefault(truth["type"], []).append((len(clean), len(dropped), seen == clean))
     result = {"tokenizer": args.tokenizer, "bpe_dropout": p, "text_len": tok.text_len, "mix": args.mix,
               "count": args.count, "types": {}}
     for kind, values in sorted(rows.items()):
         v = np.array(values)
-        result["types"][kind] = {"captions": len(v), "mean_ids_eval": round(float(v[:, 0].mean()), 2),
-                                 "mean_ids_dropout": round(float(v[:, 1].mean()), 2),
-                                 "past_text_len": round(float((v[:, 1] > tok.text_len).mean()), 4),
-                                 "seen_as_eval": round(float(v[:, 2].mean()), 4)}
-        print(f"{kind:6s} {len(v):5d} captions: {v[:, 0].mean():5.2f} ids in eval mode, {v[:, 1].mean():5.2f} with "
-              f"dropout {p}; past text_len {tok.text_len}: {(v[:, 1] > tok.text_len).mean():.1%}; "
-              f"seen in training exactly as in eval mode: {v[:, 2].mean():.1%}", file=sys.stderr)
+        eval_ids, dropout_ids, past, seen = v[:, 0].mean(), v[:, 1].mean(), (v[:, 1] > tok.text_len).mean(), v[:, 2].mean()
+        result["types"][kind] = {"captions": len(v), "mean_ids_eval": round(float(eval_ids), 2),
+                                 "mean_ids_dropout": round(float(dropout_ids), 2),
+                                 "past_text_len": round(float(past), 4), "seen_as_eval": round(float(seen), 4)}
+        print(f"{kind:6s} {len(v):5d} captions: {eval_ids:5.2f} ids in eval mode, {dropout_ids:5.2f} with dropout {p}; "
+              f"past text_len {tok.text_len}: {past:.1%}; seen in training exactly as in eval mode: {seen:.1%}",
+              file=sys.stderr)
     print(json.dumps(result))
 
 

@@ -203,15 +203,21 @@ class TextTokenizer:
         self._warn_truncated(captions, encodings)
         p = self.config.bpe_dropout
         if self.training and p > 0:
-            if self._merges is None:
-                self._merges = BpeMerges.from_tokenizer_json(json.loads(self._tokenizer.to_str()))
             fresh = np.random.default_rng() if None in rngs else None  # the caller passed no generator
             for i, caption in enumerate(captions):
-                pieces = self._tokenizer.pre_tokenizer.pre_tokenize_str(self._tokenizer.normalizer.normalize_str(caption))
-                dropped = self._merges.encode([piece for piece, _ in pieces], p, rngs[i] or fresh)
+                dropped = self.dropout_ids(caption, rngs[i] or fresh)
                 if len(dropped) <= self.text_len:
                     ids[i] = dropped
         return ids
+
+    def dropout_ids(self, caption: str, rng: np.random.Generator, p: float | None = None) -> list[int]:
+        """BPE ids of one caption with each merge skipped with probability p (default: bpe_dropout),
+        drawn from `rng`, NOT truncated to text_len (`benchmarks/caption_pieces.py` counts how often a
+        training caption would pass it); whatever the mode."""
+        if self._merges is None:
+            self._merges = BpeMerges.from_tokenizer_json(json.loads(self._tokenizer.to_str()))
+        pieces = self._tokenizer.pre_tokenizer.pre_tokenize_str(self._tokenizer.normalizer.normalize_str(caption))
+        return self._merges.encode([piece for piece, _ in pieces], self.config.bpe_dropout if p is None else p, rng)
 
     def _warn_truncated(self, captions: list[str], encodings: list) -> None:
         long = [(i, len(e.ids) + sum(len(o.ids) for o in e.overflowing))
