@@ -26,9 +26,12 @@ tokens left out); `se` is the standard error over scenes.
 3. What the caption is worth: loss differences to the true caption on the same tokens with the
    null text (all pads) and perturbed captions (single/count: a new colour, shape or number; pair:
    the two objects' colours or shapes exchanged, or one object's colour / shape replaced by one
-   neither object has; a perturbation that would name a held-out pair is skipped for that scene).
-   A model that binds loses on both objects when their colours are exchanged; a bag of words
-   loses nothing there, and under a new colour loses on the object whose colour vanished.
+   neither object has; the relation word replaced by its opposite, "flip_relation"; the two objects
+   named in the other order, "reverse_order"; a perturbation that would name a held-out pair is
+   skipped for that scene). A model that binds loses on both objects when their colours are
+   exchanged; a bag of words loses nothing there, and under a new colour loses on the object whose
+   colour vanished. One that reads the relation's direction loses where the first object starts
+   under "flip_relation" and "reverse_order" (each says the objects' places the other way round).
 4. Word attention: per layer, the weight an object's ink (start) tokens put on each caption word;
    for pairs the margins own word minus the other object's (head mean, and the best head), with
    the true caption and with the two words exchanged (same head): a head that reads the caption

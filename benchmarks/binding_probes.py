@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dalle_proto.attention_masks import additive_mask  # noqa: E402
+from dalle_proto.caption_perturbations import CONVERSE  # noqa: E402
 from dalle_proto.datasets.augmentation import pil_to_tensor  # noqa: E402
 from dalle_proto.datasets.shapes import draw_objects, render_scene, sample_scene  # noqa: E402
 from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, SHAPES, compose_caption, is_held_out,  # noqa: E402
@@ -28,7 +29,8 @@ from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, SHAPES, compos
 
 CATEGORIES = ("single", "pair", "count")
 PERTURBATIONS = {"single": ("new_color", "new_shape"),
-                 "pair": ("swap_colors", "swap_shapes", "new_color_1", "new_color_2", "new_shape_1", "new_shape_2"),
+                 "pair": ("swap_colors", "swap_shapes", "new_color_1", "new_color_2", "new_shape_1", "new_shape_2",
+                          "flip_relation", "reverse_order"),
                  "count": ("new_color", "new_shape", "new_number")}
 ALTERNATIVES = {"single": ("recolor", "reshape"), "pair": ("swap_colors", "swap_shapes", "recolor", "reshape"),
                 "count": ("recolor", "reshape")}
@@ -136,6 +138,10 @@ def perturbed(caption: str, change: str, rng: np.random.Generator) -> str | None
     if change in ("swap_colors", "swap_shapes"):
         key = change[5:-1]
         objects[0][key], objects[1][key] = objects[1][key], objects[0][key]
+    elif change == "flip_relation":  # "A left of B" -> "A right of B"
+        spec["relation"] = CONVERSE[spec["relation"]]
+    elif change == "reverse_order":  # "A left of B" -> "B left of A"
+        spec["objects"] = objects[::-1]
     elif change == "new_number":
         spec["number"] = rng.choice([n for n in NUMBERS.values() if n != spec["number"]])
     else:
@@ -265,7 +271,7 @@ def perturbation_runs(model, text_tokenizer, category: str, batch: list, image_i
                  for s in batch]  # a scene's perturbation does not depend on the batching
         rows = [i for i, text in enumerate(texts) if text is not None]
         ce[change] = np.full((len(batch), c.image_len), np.nan)
-        exchange = change.startswith("swap_")
+        exchange = change in ("swap_colors", "swap_shapes")
         if exchange:
             for key in WORD_TOKENS:
                 words[f"words_{key}_{change}"] = np.full((len(batch), MAX_OBJECTS, c.depth, c.heads,

@@ -22,6 +22,10 @@ import numpy as np
 from dalle_proto.datasets.shapes_grammar import (COLORS, NUMBERS, POSITIONS, RELATIONS, SHAPES, SIZES,
                                                  compose_caption, is_held_out, parse_caption)
 
+# "A RELATION B" says what "B CONVERSE A" says
+CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
+
 
 def perturb_caption(caption: str, rng: np.random.Generator, allow_held_out: bool = False,
                     exchanges: bool = False, copies: bool = False) -> str | None:
@@ -49,6 +53,16 @@ def perturb_binding(caption: str, rng: np.random.Generator, allow_held_out: bool
         return None
     change = partial(_change_binding, exchanges_only=exchanges_only)
     return _first_valid(spec, caption, rng, change, allow_held_out, distinct_pair=False)
+
+
+def converse_caption(caption: str) -> str | None:
+    """A pair caption said the other way round, same scene: "a red circle below a blue square" ->
+    "a blue square above a red circle" (prefix kept); None for any other caption."""
+    spec = _parse(caption)
+    if spec is None or spec["type"] != "pair":
+        return None
+    spec["objects"], spec["relation"] = spec["objects"][::-1], CONVERSE[spec["relation"]]
+    return compose_caption(spec)
 
 
 def _parse(caption: str) -> dict | None:

@@ -311,6 +311,9 @@ def train(config: RunConfig, callbacks: Sequence[Any] = ()):
     from .token_cache import TokenCache
     from .transformer_training import train_transformer
 
+    if config.training.converse_relations > 0 and config.data.kind != "shapes":
+        raise ConfigError(f"training.converse_relations={config.training.converse_relations} restates shapes pair "
+                          f"captions and has no effect on data.kind={config.data.kind!r}; set it to 0")
     source = init_from_folder(config)
     saved = _saved_transformer(config, source) if source is not None else None  # checked before any loading
     text_tokenizer = TextTokenizer.from_pretrained(config.out / "text_tokenizer")

@@ -18,6 +18,13 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
   `negatives="binding"` draws only the hard ones (`perturb_binding`: exchanged or copied pair
   attributes, another number for a count); `negatives="exchange"` only a pair's exchanged colours
   or shapes (other captions get none).
+- converse relations (`converse_relations=p`): per sample, a coin seeded by (seed, step, slot)
+  restates a shapes pair caption "A to the right of B" / "A below B" with probability p as "B to the
+  left of A" / "B above A" (`caption_perturbations.converse_caption`), the same scene. With uniform
+  relations, which object is drawn first (the upper or left one) depends on the relation word AND the
+  word order together, an exclusive-or with no gradient towards either alone; at p = 0.5, 3 of 4 pair
+  captions name the upper or left object first, so word order alone pays, and the relation word
+  then has something to flip (BENCHMARKS.md, issue 16).
 """
 from __future__ import annotations
 
@@ -29,11 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dalle_proto.caption_perturbations import perturb_binding, perturb_caption
+from dalle_proto.caption_perturbations import converse_caption, perturb_binding, perturb_caption
 from dalle_proto.text_tokenizer import TruncationReportedOnce
 
 # separate random streams per purpose, so adding one never shifts another
-_ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST = 0, 1, 2, 3, 4
+_ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST, _CONVERSE = 0, 1, 2, 3, 4, 5
+RESTATED_RELATIONS = (" to the right of ", " below ")  # restated as their converses "to the left of", "above"
 # caption-contrast negatives by name: one attribute changed (exchanges too) | binding ones | pair exchanges only
 _PERTURBATIONS = {"any": partial(perturb_caption, exchanges=True), "binding": perturb_binding,
                   "exchange": partial(perturb_binding, exchanges_only=True)}
@@ -143,19 +151,24 @@ class CaptionCollate:
     the batch row each belongs to (M <= B; see the module docstring)."""
 
     def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int,
-                 contrast: bool = False, negatives: str = "any"):
+                 contrast: bool = False, negatives: str = "any", converse_relations: float = 0.0):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 0.0 <= converse_relations <= 1.0:
+            raise ValueError(f"converse_relations must be in [0, 1], got {converse_relations}")
         if negatives not in CONTRAST_NEGATIVES:
             raise ValueError(f"contrast negatives must be one of {CONTRAST_NEGATIVES}, got {negatives!r}")
         self.perturb = _PERTURBATIONS[negatives]
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
+        self.converse_relations = converse_relations if train else 0.0
         self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere
         self.report_truncation = TruncationReportedOnce(f"this run's {'training' if train else 'validation'} batches")
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
+        if self.converse_relations > 0:
+            captions = tuple(self.restated(caption, step, slot) for caption, step, slot in zip(captions, steps, slots))
         # the mode is set on every call: train and validation batches may share one tokenizer object
         rngs = ([step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
                 if self.train and self.text_tokenizer.config.bpe_dropout > 0 else None)  # eval mode draws nothing
@@ -188,6 +201,13 @@ class CaptionCollate:
         self.text_tokenizer.train(self.train)
         return {"contrast_text_ids": ids, "contrast_index": torch.tensor(index, dtype=torch.long)}
 
+    def restated(self, caption: str, step: int, slot: int) -> str:
+        """The caption, or with probability converse_relations its converse (see the module docstring)."""
+        if not any(word in caption for word in RESTATED_RELATIONS) or \
+                step_rng(self.seed, step, slot, _CONVERSE).random() >= self.converse_relations:
+            return caption
+        return converse_caption(caption) or caption  # None: not of the shapes grammar
+
     def drops_caption(self, step: int, slot: int) -> bool:
         return bool(step_rng(self.seed, step, slot, _CAPTION_DROPOUT).random() < self.caption_dropout)
 
@@ -210,7 +230,7 @@ class TokenCacheBatches(pl.LightningDataModule):
     def __init__(self, text_tokenizer: Any, train_cache: Dataset, train_indices: Sequence[int],
                  val_cache: Dataset | None, val_indices: Sequence[int], *, batch_size: int, steps: int,
                  seed: int, caption_dropout: float, val_batches: int, num_workers: int,
-                 contrast: bool = False, contrast_negatives: str = "any"):
+                 contrast: bool = False, contrast_negatives: str = "any", converse_relations: float = 0.0):
         super().__init__()
         self.text_tokenizer = text_tokenizer
         self.train_cache, self.train_indices = train_cache, list(train_indices)
@@ -218,6 +238,7 @@ class TokenCacheBatches(pl.LightningDataModule):
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.caption_dropout, self.val_batches, self.num_workers = caption_dropout, val_batches, num_workers
         self.contrast, self.contrast_negatives = contrast, contrast_negatives
+        self.converse_relations = converse_relations
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -227,7 +248,7 @@ class TokenCacheBatches(pl.LightningDataModule):
         return ResumableDataLoader(
             KeyedDataset(self.train_cache), batch_sampler=sampler, num_workers=self.num_workers,
             collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed, self.contrast,
-                                      self.contrast_negatives),
+                                      self.contrast_negatives, self.converse_relations),
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -42,6 +42,10 @@ def test_perturbed_captions():
     new = parse_caption(probes.perturbed("a red circle to the left of a blue square", "new_color_2", rng))
     assert new["objects"][0]["color"] == "red" and new["objects"][1]["color"] not in ("red", "blue")
     assert parse_caption(probes.perturbed("three red circles", "new_number", rng))["number"] != 3
+    # the relation's direction: its opposite word, or the objects named the other way round
+    assert probes.perturbed("a red circle below a blue square", "flip_relation", rng) == "a red circle above a blue square"
+    assert probes.perturbed("an orange star to the left of a blue square", "reverse_order", rng) == \
+        "a blue square to the left of an orange star"
     # equal colours: exchanging them changes nothing, so there is no perturbed caption
     assert probes.perturbed("a red circle above a red square", "swap_colors", rng) is None
 

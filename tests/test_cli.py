@@ -42,6 +42,15 @@ def test_a_value_a_config_check_refuses_is_a_one_line_error(override, message):
     assert str(e.value).startswith(f"dalle-proto: error: {message}") and "\n" not in str(e.value)
 
 
+def test_converse_relations_on_captions_without_the_shapes_grammar_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as e, pytest.warns(UnusedOverrideWarning):  # data.* is encode's
+        main(["train", "--config", TINY, f"out_dir={tmp_path / 'run'}", "data.kind=folder",
+              "training.converse_relations=0.5"])
+    assert str(e.value) == ("dalle-proto: error: training.converse_relations=0.5 restates shapes pair captions and "
+                            "has no effect on data.kind='folder'; set it to 0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_prints_resolved_values(capsys):
     main(["config", "--config", TINY, "transformer.depth=3"])
     out = capsys.readouterr().out

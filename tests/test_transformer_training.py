@@ -349,6 +349,47 @@ def test_binding_negatives_exchange_or_copy_pair_attributes_and_change_the_numbe
         TransformerTrainConfig(contrast_negatives="hard")
 
 
+def test_converse_relations_restate_right_and_below_pairs_as_seeded_converses(world):
+    from dalle_proto.caption_perturbations import converse_caption
+    assert converse_caption("a red circle below a blue square") == "a blue square above a red circle"
+    assert converse_caption("an image of an orange star to the right of a red circle") == \
+        "an image of a red circle to the left of an orange star"  # prefix and articles follow the words
+    assert converse_caption("a red circle to the left of a blue square") == "a blue square to the right of a red circle"
+    for caption in ("three yellow triangles", "a large blue star in the top left", "a photo of my cat below"):
+        assert converse_caption(caption) is None
+    tok = world["text_tokenizer"]
+    captions = ["a red circle below a blue square", "a green cross to the right of a red circle",
+                "a red circle above a blue square", "a red circle to the left of a blue square",
+                "three yellow triangles", "a photo of my cat below the table"]
+    samples = [(step, slot, torch.zeros(8, 8, dtype=torch.int16), c)
+               for step in range(40) for slot, c in enumerate(captions)]
+    collate = CaptionCollate(tok, True, 0.0, seed=3, converse_relations=0.5)
+    said = {}
+    for step, slot, _, caption in samples:
+        said.setdefault(caption, set()).add(collate.restated(caption, step, slot))
+    # only "to the right of" / "below" are restated, as their converse, about half the time
+    assert said[captions[0]] == {captions[0], "a blue square above a red circle"}
+    assert said[captions[1]] == {captions[1], "a red circle to the left of a green cross"}
+    for caption in captions[2:]:
+        assert said[caption] == {caption}
+    restated = sum(collate.restated(captions[0], step, 0) != captions[0] for step in range(400))
+    assert 150 < restated < 250
+    # the batch encodes the restated caption; a function of (seed, step, slot); never in validation
+    step = next(s for s in range(40) if collate.restated(captions[0], s, 0) != captions[0])
+    batch = collate([(step, 0, torch.zeros(8, 8, dtype=torch.int16), captions[0])])
+    assert torch.equal(batch["text_ids"][0], tok.train(False).encode(["a blue square above a red circle"])[0])
+    again = CaptionCollate(tok, True, 0.0, seed=3, converse_relations=0.5)([(step, 0, torch.zeros(8, 8), captions[0])])
+    assert torch.equal(again["text_ids"], batch["text_ids"])
+    val = CaptionCollate(tok, False, 0.0, seed=3, converse_relations=0.5)([(step, 0, torch.zeros(8, 8), captions[0])])
+    assert torch.equal(val["text_ids"][0], tok.train(False).encode([captions[0]])[0])
+    off = CaptionCollate(tok, True, 0.0, seed=3)
+    assert all(off.restated(captions[0], s, 0) == captions[0] for s in range(40))  # 0 (the default): off
+    with pytest.raises(ValueError, match="converse_relations must be in"):
+        CaptionCollate(tok, True, 0.0, seed=3, converse_relations=1.5)
+    with pytest.raises(ValueError, match="converse_relations must be in"):
+        TransformerTrainConfig(converse_relations=-0.1)
+
+
 def test_contrast_loss_is_the_log_likelihood_ratio_of_caption_and_negative(world):
     from dalle_proto.transformer_training import TransformerLoss
 
