@@ -24,7 +24,8 @@ uninterrupted run sees from step s on, whatever the number of data-loader worker
   relations, which object is drawn first (the upper or left one) depends on the relation word AND the
   word order together, an exclusive-or with no gradient towards either alone; at p = 0.5, 3 of 4 pair
   captions name the upper or left object first, so word order alone pays, and the relation word
-  then has something to flip (BENCHMARKS.md, issue 16).
+  then has something to flip (BENCHMARKS.md, issue 16). `converse_steps=n` restates only in the
+  first n steps (a curriculum: the order first, then the relation word must overturn it).
 """
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ class CaptionCollate:
     the batch row each belongs to (M <= B; see the module docstring)."""
 
     def __init__(self, text_tokenizer: Any, train: bool, caption_dropout: float, seed: int,
-                 contrast: bool = False, negatives: str = "any", converse_relations: float = 0.0):
+                 contrast: bool = False, negatives: str = "any", converse_relations: float = 0.0,
+                 converse_steps: int | None = None):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if not 0.0 <= converse_relations <= 1.0:
@@ -162,12 +164,13 @@ class CaptionCollate:
         self.text_tokenizer, self.train = text_tokenizer, train
         self.caption_dropout, self.seed, self.contrast = caption_dropout, seed, contrast
         self.converse_relations = converse_relations if train else 0.0
+        self.converse_steps = converse_steps
         self.null_ids = text_tokenizer.null_ids()  # (T,): per-position pads, or one [PAD] id everywhere
         self.report_truncation = TruncationReportedOnce(f"this run's {'training' if train else 'validation'} batches")
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
-        if self.converse_relations > 0:
+        if self.converse_relations > 0 and (self.converse_steps is None or min(steps) < self.converse_steps):
             captions = tuple(self.restated(caption, step, slot) for caption, step, slot in zip(captions, steps, slots))
         # the mode is set on every call: train and validation batches may share one tokenizer object
         rngs = ([step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
@@ -204,6 +207,7 @@ class CaptionCollate:
     def restated(self, caption: str, step: int, slot: int) -> str:
         """The caption, or with probability converse_relations its converse (see the module docstring)."""
         if not any(word in caption for word in RESTATED_RELATIONS) or \
+                (self.converse_steps is not None and step >= self.converse_steps) or \
                 step_rng(self.seed, step, slot, _CONVERSE).random() >= self.converse_relations:
             return caption
         return converse_caption(caption) or caption  # None: not of the shapes grammar
@@ -230,7 +234,8 @@ class TokenCacheBatches(pl.LightningDataModule):
     def __init__(self, text_tokenizer: Any, train_cache: Dataset, train_indices: Sequence[int],
                  val_cache: Dataset | None, val_indices: Sequence[int], *, batch_size: int, steps: int,
                  seed: int, caption_dropout: float, val_batches: int, num_workers: int,
-                 contrast: bool = False, contrast_negatives: str = "any", converse_relations: float = 0.0):
+                 contrast: bool = False, contrast_negatives: str = "any", converse_relations: float = 0.0,
+                 converse_steps: int | None = None):
         super().__init__()
         self.text_tokenizer = text_tokenizer
         self.train_cache, self.train_indices = train_cache, list(train_indices)
@@ -238,7 +243,7 @@ class TokenCacheBatches(pl.LightningDataModule):
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.caption_dropout, self.val_batches, self.num_workers = caption_dropout, val_batches, num_workers
         self.contrast, self.contrast_negatives = contrast, contrast_negatives
-        self.converse_relations = converse_relations
+        self.converse_relations, self.converse_steps = converse_relations, converse_steps
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -248,7 +253,7 @@ class TokenCacheBatches(pl.LightningDataModule):
         return ResumableDataLoader(
             KeyedDataset(self.train_cache), batch_sampler=sampler, num_workers=self.num_workers,
             collate_fn=CaptionCollate(self.text_tokenizer, True, self.caption_dropout, self.seed, self.contrast,
-                                      self.contrast_negatives, self.converse_relations),
+                                      self.contrast_negatives, self.converse_relations, self.converse_steps),
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -73,6 +73,7 @@ class TransformerTrainConfig:
     contrast_negatives: str = "any"  # "any": one attribute changed | "binding": exchanges, copies, number | "exchange"
     contrast_reference: bool = False  # CCA's form: both likelihoods against the frozen init_from weights
     converse_relations: float = 0.0  # shapes pairs: P(restate "A right of / below B" as "B left of / above A")
+    converse_steps: int | None = None  # restate only in the first N steps (None: the whole run)
     init_from: str | None = None  # a transformer folder, or a pipeline folder with transformer/: start from its weights
     precision: str = "bf16-mixed"  # "32-true" for exactness tests; any Lightning precision string
     val_every: int = 500  # steps between validations; 0 disables validation
@@ -109,6 +110,8 @@ class TransformerTrainConfig:
             (not self.contrast_reference or (self.init_from is not None and self.contrast_weight > 0),
              "contrast_reference needs contrast_weight > 0 and init_from (the reference is the starting model)"),
             (0 <= self.converse_relations <= 1, "converse_relations must be in [0, 1]"),
+            (self.converse_steps is None or (self.converse_steps >= 1 and self.converse_relations > 0),
+             "converse_steps must be >= 1 and needs converse_relations > 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (min(self.val_every, self.val_batches, self.sample_every, self.grad_clip, self.num_workers) >= 0,
@@ -298,7 +301,8 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
                              batch_size=c.batch_size, steps=c.steps, seed=c.seed,
                              caption_dropout=c.caption_dropout, val_batches=c.val_batches if validates else 0,
                              num_workers=c.num_workers, contrast=c.contrast_weight > 0,
-                             contrast_negatives=c.contrast_negatives, converse_relations=c.converse_relations)
+                             contrast_negatives=c.contrast_negatives, converse_relations=c.converse_relations,
+                             converse_steps=c.converse_steps)
 
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start

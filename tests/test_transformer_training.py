@@ -384,6 +384,12 @@ def test_converse_relations_restate_right_and_below_pairs_as_seeded_converses(wo
     assert torch.equal(val["text_ids"][0], tok.train(False).encode([captions[0]])[0])
     off = CaptionCollate(tok, True, 0.0, seed=3)
     assert all(off.restated(captions[0], s, 0) == captions[0] for s in range(40))  # 0 (the default): off
+    # a curriculum: every one restated in the first 10 steps, none after
+    first = CaptionCollate(tok, True, 0.0, seed=3, converse_relations=1.0, converse_steps=10)
+    assert {first.restated(captions[0], s, 0) for s in range(10)} == {"a blue square above a red circle"}
+    assert {first.restated(captions[0], s, 0) for s in range(10, 50)} == {captions[0]}
+    with pytest.raises(ValueError, match="converse_steps must be >= 1 and needs converse_relations > 0"):
+        TransformerTrainConfig(converse_steps=100)
     with pytest.raises(ValueError, match="converse_relations must be in"):
         CaptionCollate(tok, True, 0.0, seed=3, converse_relations=1.5)
     with pytest.raises(ValueError, match="converse_relations must be in"):
