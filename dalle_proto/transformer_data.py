@@ -170,7 +170,7 @@ class CaptionCollate:
 
     def __call__(self, samples: list[tuple[int, int, torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         steps, slots, images, captions = zip(*samples)
-        if self.converse_relations > 0 and (self.converse_steps is None or min(steps) < self.converse_steps):
+        if self.converse_relations > 0:
             captions = tuple(self.restated(caption, step, slot) for caption, step, slot in zip(captions, steps, slots))
         # the mode is set on every call: train and validation batches may share one tokenizer object
         rngs = ([step_rng(self.seed, step, slot, _BPE_DROPOUT) for step, slot in zip(steps, slots)]
