@@ -132,6 +132,10 @@ class Block(nn.Module):
         return x + self.post_mlp(self.mlp(self.norm_mlp(x)))
 
 
+def _code_pixel_mlp(c: TransformerConfig) -> nn.Sequential:  # (Vi, P) decoded pixels -> (Vi, D)
+    return nn.Sequential(nn.Linear(c.code_pixels, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
+
+
 class DalleTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -156,6 +160,10 @@ class DalleTransformer(nn.Module):
         if c.tie_embeddings:
             self.text_head.weight = self.text_embedding.weight
             self.image_head.weight = self.image_embedding.weight
+        if c.code_pixels:  # see TransformerConfig.code_pixels; zeros until set_code_pixels
+            self.register_buffer("code_pixel_values", torch.zeros(c.image_vocab_size, c.code_pixels))
+            self.code_pixel_in = _code_pixel_mlp(c)
+            self.code_pixel_out = None if c.tie_embeddings else _code_pixel_mlp(c)
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
@@ -234,6 +242,33 @@ class DalleTransformer(nn.Module):
         g = self.config.image_grid
         return (self.image_row[:, None, :] + self.image_column[None, :, :]).reshape(g * g, -1)
 
+    def set_code_pixels(self, values: torch.Tensor) -> None:
+        """Store each image code's decoded pixels, (image_vocab_size, code_pixels), e.g.
+        `ImageTokenizer.code_pixels()`; saved with the weights."""
+        expected = (self.config.image_vocab_size, self.config.code_pixels)
+        if not self.config.code_pixels or tuple(values.shape) != expected:
+            raise ValueError(f"code pixel values must have shape {expected} (TransformerConfig.code_pixels="
+                             f"{self.config.code_pixels}), got {tuple(values.shape)}")
+        with torch.no_grad():
+            self.code_pixel_values.copy_(values)
+
+    def _image_tables(self) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (Vi, D): input table, head rows
+        pixels = self.code_pixel_values.to(self.image_embedding.weight.dtype)  # (Vi, P)
+        table = self.image_embedding.weight + self.code_pixel_in(pixels)
+        if self.config.tie_embeddings:
+            return table, table
+        return table, self.image_head.weight + self.code_pixel_out(pixels)
+
+    def _embed_image(self, image_ids: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D)
+        if not self.config.code_pixels:
+            return self.image_embedding(image_ids)
+        return F.embedding(image_ids, self._image_tables()[0])
+
+    def _image_logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, D) -> (B, n, Vi)
+        if not self.config.code_pixels:
+            return self.image_head(x)
+        return F.linear(x, self._image_tables()[1])
+
     # ---- training / scoring ------------------------------------------------------------------
     def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """text_ids (B, T), image_ids (B, N) -> text logits (B, T-1, V+T), image logits (B, N, Vi)."""
@@ -242,14 +277,14 @@ class DalleTransformer(nn.Module):
         # The last image token is only a target, but running it through too (its output is dropped,
         # attention is causal) keeps every image row/column block complete for block-sparse attention.
         x = torch.cat([self._embed_text(text_ids),
-                       self.image_embedding(image_ids) + self._image_position()], dim=1)  # (B, T+N, D)
+                       self._embed_image(image_ids) + self._image_position()], dim=1)  # (B, T+N, D)
         x = self.embed_dropout(x)
         masks = self.masks()
         for block in self.blocks:
             x = block(x, masks)
         x = self.final_norm(x)
         text_logits = self.text_head(x[:, : c.text_len - 1])  # (B, T-1, V+T)
-        image_logits = self.image_head(x[:, c.text_len - 1: -1])  # (B, N, Vi)
+        image_logits = self._image_logits(x[:, c.text_len - 1: -1])  # (B, N, Vi)
         return text_logits, image_logits
 
     def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -304,7 +339,7 @@ class DalleTransformer(nn.Module):
             pos_emb = self.image_position[index]  # (D,)
         else:
             pos_emb = self.image_row[index // c.image_grid] + self.image_column[index % c.image_grid]  # (D,)
-        x = (self.image_embedding(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
+        x = (self._embed_image(image_token) + pos_emb).unsqueeze(1)  # (B, 1, D)
         return self._cached_step(x, c.text_len + index, cache)  # (B, Vi)
 
     def _cached_step(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:  # (B, n, D) -> (B, Vi)
@@ -317,7 +352,7 @@ class DalleTransformer(nn.Module):
             slot = pos if pos < t else t + (pos - t) % (size - t)
             filled = min(size, pos + n)
             x = block.step(x, layer_cache, slot, filled, biases[block.kind][pos:pos + n, :filled])
-        return self.image_head(self.final_norm(x[:, -1]))
+        return self._image_logits(self.final_norm(x[:, -1]))
 
     def _mask_bias(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """(T+N, T+W) additive mask over a layer's cache slots (`attention_masks.cache_slot_mask`;

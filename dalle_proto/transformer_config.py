@@ -44,6 +44,12 @@ class TransformerConfig:
     # prefix-LM text, layer l's image queries read text states mixed by only l layers; an encoder gives
     # every layer's image queries text whose colour words have already met their shape words.
     text_encoder_depth: int = 0
+    # > 0: the number of pixel values of one image code (3 * f * f for an f-times downsampling
+    # tokenizer). Each code's decoded pixels (buffer `code_pixel_values`, filled from the image
+    # tokenizer when training starts) pass through a small MLP shared by all codes, added to that
+    # code's input embedding and output-head row: codes that look alike start alike, so what the
+    # model learns about a stroke in one colour can carry over to a colour it never saw drawn that way.
+    code_pixels: int = 0
 
     def __post_init__(self):
         for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "dim", "depth",
@@ -74,6 +80,8 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.text_encoder_depth={self.text_encoder_depth} encodes the caption "
                              "bidirectionally, so the text cannot be a next-token target: set "
                              "text_attention='bidirectional' and text_loss_weight=0")
+        if not isinstance(self.code_pixels, int) or isinstance(self.code_pixels, bool) or self.code_pixels < 0:
+            raise ValueError(f"TransformerConfig.code_pixels must be an int >= 0 (3 * f * f), got {self.code_pixels!r}")
         if self.image_position not in ("row_column", "raster"):
             raise ValueError(f"TransformerConfig.image_position must be 'row_column' or 'raster', "
                              f"got {self.image_position!r}")

@@ -158,6 +158,8 @@ class CaptionCollate:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if not 0.0 <= converse_relations <= 1.0:
             raise ValueError(f"converse_relations must be in [0, 1], got {converse_relations}")
+        if converse_steps is not None and converse_steps < 1:
+            raise ValueError(f"converse_steps must be >= 1 (None: restate for the whole run), got {converse_steps}")
         if negatives not in CONTRAST_NEGATIVES:
             raise ValueError(f"contrast negatives must be one of {CONTRAST_NEGATIVES}, got {negatives!r}")
         self.perturb = _PERTURBATIONS[negatives]

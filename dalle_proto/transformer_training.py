@@ -276,6 +276,9 @@ class TransformerLightningModule(pl.LightningModule):
         self.plateau = dict(checkpoint.get("plateau", self.plateau))
 
 
+CODE_PIXEL_GRIDS = 2048  # training pictures whose decoded cells give each code its look (code_pixels)
+
+
 # ---- the entry point -----------------------------------------------------------------------------
 def train_transformer(transformer_config: TransformerConfig, train_config: TransformerTrainConfig,
                       text_tokenizer: Any, train_cache: Any, val_cache: Any | None, out_dir: str | os.PathLike,
@@ -307,6 +310,11 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start
     transformer = DalleTransformer(transformer_config)
+    if transformer_config.code_pixels:
+        if image_tokenizer is None:
+            raise ValueError("TransformerConfig.code_pixels needs the image tokenizer (its codes' decoded pixels)")
+        grids = torch.stack([train_cache[i][0] for i in list(train_indices)[:CODE_PIXEL_GRIDS]])  # (M, h, w)
+        transformer.set_code_pixels(image_tokenizer.code_pixels(grids))
     if c.init_from is not None:  # on a resume, last.ckpt then replaces these weights
         _init_from(transformer, c.init_from)
     module = TransformerLightningModule(transformer, c)

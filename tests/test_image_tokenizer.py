@@ -241,3 +241,18 @@ def test_cell_local_encoder_code_sees_only_its_own_cell(tmp_path):
     assert loaded.config.cell_local_encoder and torch.equal(loaded.encode(x), model.encode(x))
     with pytest.raises(ValueError, match="cell_local_encoder apply to the vqgan and gumbel"):
         ImageTokenizerConfig(kind="dvae", cell_local_encoder=True)
+
+
+def test_code_pixels_average_each_codes_decoded_cells(model):
+    g, f = model.grid_size, model.config.downsample_factor
+    grids = torch.randint(0, 20, (5, g, g), generator=torch.Generator().manual_seed(0))  # codes 20.. never occur
+    pixels = model.code_pixels(grids, batch_size=2)  # three batches, the last one short
+    assert pixels.shape == (model.codebook_size, 3 * f * f) and pixels.dtype == torch.float32
+    pictures = model.decode(grids)  # (5, 3, g*f, g*f)
+    for code in (0, 7, 19):
+        cells = [pictures[b, :, r * f:(r + 1) * f, c * f:(c + 1) * f].flatten()
+                 for b, r, c in (grids == code).nonzero().tolist()]
+        torch.testing.assert_close(pixels[code], torch.stack(cells).mean(0), atol=1e-5, rtol=0)  # batch shapes differ
+    assert torch.equal(pixels[20:], torch.zeros(model.codebook_size - 20, 3 * f * f))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model.code_pixels(torch.full((1, g, g), model.codebook_size))

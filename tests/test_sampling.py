@@ -53,9 +53,13 @@ def test_kv_cache_logits_equal_full_forward(attention):
     torch.testing.assert_close(logits, full, atol=LOGITS_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("attention,encoder", [("sparse", 0), ("full", 0), ("conv", 0), ("sparse", 2)])
-def test_kv_cache_logits_equal_full_forward_with_bidirectional_text(attention, encoder):
-    model = make_model(attention, text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=encoder)
+@pytest.mark.parametrize("attention,encoder,pixels", [("sparse", 0, 0), ("full", 0, 0), ("conv", 0, 0), ("sparse", 2, 0),
+                                                     ("sparse", 2, 12)])
+def test_kv_cache_logits_equal_full_forward_with_bidirectional_text(attention, encoder, pixels):
+    model = make_model(attention, text_attention="bidirectional", text_loss_weight=0.0, text_encoder_depth=encoder,
+                       code_pixels=pixels)
+    if pixels:
+        model.set_code_pixels(torch.rand(40, pixels, generator=torch.Generator().manual_seed(1)) * 2 - 1)
     with torch.no_grad():  # encoder blocks start as the identity (zero residual writes): make them act
         for block in model.text_encoder:
             block.attn.out.weight.normal_(std=0.1), block.mlp.proj.weight.normal_(std=0.1)

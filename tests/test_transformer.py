@@ -269,3 +269,37 @@ def test_text_encoder_save_load_round_trip(tmp_path):
     assert loaded.config == c
     text, image = random_batch(c)
     assert torch.equal(loaded(text, image)[1], model(text, image)[1])
+
+
+def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
+    c = small_config(code_pixels=12)
+    torch.manual_seed(0)
+    model = DalleTransformer(c).eval()
+    text, image = random_batch(c)
+    with pytest.raises(ValueError, match=r"code pixel values must have shape \(40, 12\) .* got \(40, 48\)"):
+        model.set_code_pixels(torch.zeros(40, 48))
+    blank = model(text, image)[1]
+    pixels = torch.rand(40, 12) * 2 - 1
+    model.set_code_pixels(pixels)
+    _, logits = model(text, image)
+    assert logits.shape == (2, c.image_len, 40) and not torch.allclose(logits, blank)
+    # two codes that decode alike get the same pixel term: their input rows differ by the learned tables only
+    table, head = model._image_tables()
+    pixels[7] = pixels[3]
+    model.set_code_pixels(pixels)
+    table2, head2 = model._image_tables()
+    torch.testing.assert_close(table2[7] - model.image_embedding.weight[7], table2[3] - model.image_embedding.weight[3])
+    torch.testing.assert_close(head2[7] - model.image_head.weight[7], head2[3] - model.image_head.weight[3])
+    assert_image_tokens_are_causal(model, text, image)
+    loss, _ = model.loss(text, image)
+    loss.backward()
+    assert all(p.grad is not None for p in [*model.code_pixel_in.parameters(), *model.code_pixel_out.parameters()])
+    model.save_pretrained(tmp_path / "t")  # the pixels travel with the weights
+    loaded = DalleTransformer.from_pretrained(tmp_path / "t").eval()
+    assert loaded.config == c and torch.equal(loaded.code_pixel_values, pixels)
+    assert torch.equal(loaded(text, image)[1], model(text, image)[1])
+    tied = DalleTransformer(small_config(code_pixels=12, tie_embeddings=True))
+    tied_in, tied_head = tied._image_tables()
+    assert tied.code_pixel_out is None and torch.equal(tied_in, tied_head)
+    with pytest.raises(ValueError, match="code_pixels must be an int >= 0"):
+        small_config(code_pixels=-1)

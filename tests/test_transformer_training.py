@@ -18,7 +18,7 @@ from dalle_proto.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from dalle_proto.text_tokenizer import TextTokenizer, TextTokenizerConfig
 from dalle_proto.token_cache import TokenCache, encode_to_cache
 from dalle_proto.transformer import DalleTransformer, TransformerConfig
-from dalle_proto.transformer_data import CaptionCollate, FixedBatchSampler, StepBatchSampler
+from dalle_proto.transformer_data import CaptionCollate, FixedBatchSampler, StepBatchSampler, split_indices
 from dalle_proto.transformer_training import (TransformerTrainConfig, lr_at, optimizer_param_groups,
                                               train_transformer)
 
@@ -390,6 +390,8 @@ def test_converse_relations_restate_right_and_below_pairs_as_seeded_converses(wo
     assert {first.restated(captions[0], s, 0) for s in range(10, 50)} == {captions[0]}
     with pytest.raises(ValueError, match="converse_steps must be >= 1 and needs converse_relations > 0"):
         TransformerTrainConfig(converse_steps=100)
+    with pytest.raises(ValueError, match="converse_steps must be >= 1 .* got 0"):
+        CaptionCollate(tok, True, 0.0, seed=3, converse_relations=1.0, converse_steps=0)
     with pytest.raises(ValueError, match="converse_relations must be in"):
         CaptionCollate(tok, True, 0.0, seed=3, converse_relations=1.5)
     with pytest.raises(ValueError, match="converse_relations must be in"):
@@ -533,3 +535,20 @@ def test_init_from_may_add_a_text_encoder_that_starts_as_the_identity(world, tmp
         _init_from(DalleTransformer(base), str(tmp_path / "grown"))  # dropping an encoder would lose weights
     with pytest.raises(ValueError, match=r"init_from=.*depth \(2 saved, 3 here\)"):
         _init_from(DalleTransformer(dataclasses.replace(base, depth=3, text_encoder_depth=1)), str(tmp_path / "base"))
+
+
+def test_code_pixels_come_from_the_image_tokenizer_and_are_exported(world, tmp_path):
+    config = dataclasses.replace(world["config"], code_pixels=3 * 4 * 4)  # the world's tokenizer: f = 4
+    train = fast_config(steps=2, val_every=2, checkpoint_every=2)
+    model = train_transformer(config, train, world["text_tokenizer"], world["cache"], None, tmp_path,
+                              image_tokenizer=world["image_tokenizer"])
+    grids = torch.stack([world["cache"][i][0] for i in range(len(world["cache"]))])  # (48, 8, 8)
+    train_indices, _ = split_indices(len(grids), train.val_fraction, train.seed)  # validation pictures excluded
+    expected = world["image_tokenizer"].code_pixels(grids[train_indices])  # (256, 48)
+    assert torch.equal(model.code_pixel_values, expected)
+    assert torch.equal(DalleTransformer.from_pretrained(tmp_path / "transformer").code_pixel_values, expected)
+    with pytest.raises(ValueError, match="code_pixels needs the image tokenizer"):
+        train_transformer(config, train, world["text_tokenizer"], world["cache"], None, tmp_path / "none")
+    with pytest.raises(ValueError, match=r"must have shape \(256, 12\) .* got \(256, 48\)"):
+        train_transformer(dataclasses.replace(config, code_pixels=12), train, world["text_tokenizer"], world["cache"],
+                          None, tmp_path / "wrong", image_tokenizer=world["image_tokenizer"])

@@ -217,6 +217,28 @@ class ImageTokenizer(PretrainedMixin, nn.Module):
         z_q = self.quantize.embed_ids(ids).to(self._decoder_dtype())  # (B, D, h, w)
         return self.decode_latents(z_q).clamp(-1, 1)
 
+    @torch.no_grad()
+    def code_pixels(self, grids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """What each code looks like in these token grids (M, h, w): (codebook_size, 3 * f * f) float32,
+        the mean of its cells' decoded pixels (zeros for a code the grids never hold). Decoded in
+        context, as the decoder's normalisation layers need real pictures (the transformer's
+        `code_pixels` option)."""
+        self._check_ids(grids)
+        f, v = self.config.downsample_factor, self.codebook_size
+        sums = torch.zeros(v, 3 * f * f, dtype=torch.float64)
+        counts = torch.zeros(v, dtype=torch.float64)
+        for start in range(0, len(grids), batch_size):
+            ids = grids[start:start + batch_size].to(self._device())  # (b, h, w)
+            images = self.decode(ids).float()  # (b, 3, h*f, w*f)
+            cells = images.unfold(2, f, f).unfold(3, f, f)  # (b, 3, h, w, f, f)
+            cells = cells.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * f * f).cpu().double()  # (b*h*w, 3*f*f)
+            sums.index_add_(0, ids.flatten().cpu(), cells)
+            counts.index_add_(0, ids.flatten().cpu(), torch.ones(len(cells), dtype=torch.float64))
+        return (sums / counts.clamp(min=1)[:, None]).float()
+
+    def _device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
     def _decoder_dtype(self) -> torch.dtype:
         return next(self.decoder.parameters()).dtype
 
