@@ -244,9 +244,11 @@ class DalleTransformer(nn.Module):
 
     def set_code_pixels(self, values: torch.Tensor) -> None:
         """Store each image code's decoded pixels, (image_vocab_size, code_pixels), e.g.
-        `ImageTokenizer.code_pixels()`; saved with the weights."""
+        `ImageTokenizer.code_pixels(training_grids)`; saved with the weights."""
+        if not self.config.code_pixels:
+            raise ValueError("this transformer takes no code pixels (TransformerConfig.code_pixels=0)")
         expected = (self.config.image_vocab_size, self.config.code_pixels)
-        if not self.config.code_pixels or tuple(values.shape) != expected:
+        if tuple(values.shape) != expected:
             raise ValueError(f"code pixel values must have shape {expected} (TransformerConfig.code_pixels="
                              f"{self.config.code_pixels}), got {tuple(values.shape)}")
         with torch.no_grad():

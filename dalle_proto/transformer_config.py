@@ -45,8 +45,8 @@ class TransformerConfig:
     # every layer's image queries text whose colour words have already met their shape words.
     text_encoder_depth: int = 0
     # > 0: the number of pixel values of one image code (3 * f * f for an f-times downsampling
-    # tokenizer). Each code's decoded pixels (buffer `code_pixel_values`, filled from the image
-    # tokenizer when training starts) pass through a small MLP shared by all codes, added to that
+    # tokenizer). Each code's look (buffer `code_pixel_values`: its mean decoded cell in 2048 training
+    # pictures, computed when training starts) passes through a small MLP shared by all codes, added to that
     # code's input embedding and output-head row: codes that look alike start alike, so what the
     # model learns about a stroke in one colour can carry over to a colour it never saw drawn that way.
     code_pixels: int = 0

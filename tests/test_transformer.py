@@ -301,5 +301,7 @@ def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
     tied = DalleTransformer(small_config(code_pixels=12, tie_embeddings=True))
     tied_in, tied_head = tied._image_tables()
     assert tied.code_pixel_out is None and torch.equal(tied_in, tied_head)
+    with pytest.raises(ValueError, match=r"takes no code pixels \(TransformerConfig.code_pixels=0\)"):
+        DalleTransformer(small_config()).set_code_pixels(torch.zeros(40, 12))
     with pytest.raises(ValueError, match="code_pixels must be an int >= 0"):
         small_config(code_pixels=-1)
