@@ -55,15 +55,19 @@ def scenes(color: str, shape: str, recolor: str, count: int) -> tuple[list[str],
     return captions, objects
 
 
+def pictures(objects: list[list[dict]]) -> torch.Tensor:
+    return torch.stack([pil_to_tensor(draw_objects(o, 64)) for o in objects])  # (B, 3, 64, 64)
+
+
 @torch.inference_mode()
-def object_rows(pipe, captions: list[str], objects: list[list[dict]]) -> np.ndarray:
-    """(ROWS,) mean over scenes of the summed cross-entropy of each object row's tokens."""
-    images = torch.stack([pil_to_tensor(draw_objects(o, 64)) for o in objects])  # (B, 3, 64, 64)
-    ids = pipe.image_tokenizer.encode(images).flatten(1)  # (B, N)
+def object_rows(pipe, captions: list[str], objects: list[list[dict]], ids: torch.Tensor) -> np.ndarray:
+    """(ROWS,) mean over scenes of the summed cross-entropy of each object row's tokens; ids (B, h, w)
+    are the pictures' codes."""
+    ids = ids.flatten(1)  # (B, N)
     _, logits = pipe.transformer(pipe.text_tokenizer.encode(captions), ids)  # (B, N, Vi)
     g = pipe.transformer.config.image_grid
     ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none").view(len(ids), g, g)
-    f = images.shape[-1] // g
+    f = 64 // g
     rows = np.zeros((len(ids), ROWS))
     for i, objs in enumerate(objects):
         x0, y0, x1, y1 = objs[0]["box"]
@@ -92,18 +96,20 @@ def main() -> None:
     results = {}
     for color, shape, seen in PAIRS:
         captions, objects = scenes(color, shape, color, args.per_pair)
-        images = torch.stack([pil_to_tensor(draw_objects(o, 64)) for o in objects])  # (B, 3, 64, 64)
+        seen_captions, seen_objects = scenes(color, shape, seen, args.per_pair)
         with torch.inference_mode():
-            recon = tokenizer.decode(tokenizer.encode(images))  # (B, 3, 64, 64)
-            ids = tokenizer.encode(images).flatten().numpy()
-        held = object_rows(pipe, captions, objects)
-        control = object_rows(pipe, *scenes(color, shape, seen, args.per_pair))
+            ids = tokenizer.encode(pictures(objects))  # (B, h, w)
+            recon = tokenizer.decode(ids)  # (B, 3, 64, 64)
+            seen_ids = tokenizer.encode(pictures(seen_objects))  # (B, h, w)
+        held = object_rows(pipe, captions, objects, ids)
+        control = object_rows(pipe, seen_captions, seen_objects, seen_ids)
         entry = {"reconstructed_right": evaluate_batch(recon, captions)["overall"],
                  "held_out_rows": [round(float(v), 2) for v in held], "seen_colour": seen,
                  "seen_rows": [round(float(v), 2) for v in control],
                  "held_out_total": round(float(held.sum()), 1), "seen_total": round(float(control.sum()), 1)}
         if freq is not None:
-            ink = ids[ids != np.bincount(ids).argmax()]  # the white background is one code
+            codes = ids.flatten().numpy()
+            ink = codes[codes != np.bincount(codes).argmax()]  # the white background is one code
             entry["rare_codes"] = round(float(np.mean(freq[ink] < 100)), 3)
         results[f"{color} {shape}"] = entry
         print(f"{color} {shape}: reconstructed right {entry['reconstructed_right']:.0%}; object rows from the "

@@ -254,22 +254,25 @@ class DalleTransformer(nn.Module):
         with torch.no_grad():
             self.code_pixel_values.copy_(values)
 
-    def _image_tables(self) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (Vi, D): input table, head rows
+    def _image_input_table(self) -> torch.Tensor:  # (Vi, D): learned rows + their codes' pixel term
         pixels = self.code_pixel_values.to(self.image_embedding.weight.dtype)  # (Vi, P)
-        table = self.image_embedding.weight + self.code_pixel_in(pixels)
+        return self.image_embedding.weight + self.code_pixel_in(pixels)
+
+    def _image_head_weight(self) -> torch.Tensor:  # (Vi, D)
         if self.config.tie_embeddings:
-            return table, table
-        return table, self.image_head.weight + self.code_pixel_out(pixels)
+            return self._image_input_table()
+        pixels = self.code_pixel_values.to(self.image_head.weight.dtype)  # (Vi, P)
+        return self.image_head.weight + self.code_pixel_out(pixels)
 
     def _embed_image(self, image_ids: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D)
         if not self.config.code_pixels:
             return self.image_embedding(image_ids)
-        return F.embedding(image_ids, self._image_tables()[0])
+        return F.embedding(image_ids, self._image_input_table())
 
     def _image_logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, D) -> (B, n, Vi)
         if not self.config.code_pixels:
             return self.image_head(x)
-        return F.linear(x, self._image_tables()[1])
+        return F.linear(x, self._image_head_weight())
 
     # ---- training / scoring ------------------------------------------------------------------
     def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

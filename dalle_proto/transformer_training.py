@@ -313,7 +313,7 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     if transformer_config.code_pixels:
         if image_tokenizer is None:
             raise ValueError("TransformerConfig.code_pixels needs the image tokenizer (its codes' decoded pixels)")
-        grids = torch.stack([train_cache[i][0] for i in list(train_indices)[:CODE_PIXEL_GRIDS]])  # (M, h, w)
+        grids = torch.stack([train_cache[i][0] for i in train_indices[:CODE_PIXEL_GRIDS]])  # (M, h, w)
         transformer.set_code_pixels(image_tokenizer.code_pixels(grids))
     if c.init_from is not None:  # on a resume, last.ckpt then replaces these weights
         _init_from(transformer, c.init_from)

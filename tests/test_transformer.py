@@ -284,10 +284,9 @@ def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
     _, logits = model(text, image)
     assert logits.shape == (2, c.image_len, 40) and not torch.allclose(logits, blank)
     # two codes that decode alike get the same pixel term: their input rows differ by the learned tables only
-    table, head = model._image_tables()
     pixels[7] = pixels[3]
     model.set_code_pixels(pixels)
-    table2, head2 = model._image_tables()
+    table2, head2 = model._image_input_table(), model._image_head_weight()
     torch.testing.assert_close(table2[7] - model.image_embedding.weight[7], table2[3] - model.image_embedding.weight[3])
     torch.testing.assert_close(head2[7] - model.image_head.weight[7], head2[3] - model.image_head.weight[3])
     assert_image_tokens_are_causal(model, text, image)
@@ -299,7 +298,7 @@ def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
     assert loaded.config == c and torch.equal(loaded.code_pixel_values, pixels)
     assert torch.equal(loaded(text, image)[1], model(text, image)[1])
     tied = DalleTransformer(small_config(code_pixels=12, tie_embeddings=True))
-    tied_in, tied_head = tied._image_tables()
+    tied_in, tied_head = tied._image_input_table(), tied._image_head_weight()
     assert tied.code_pixel_out is None and torch.equal(tied_in, tied_head)
     with pytest.raises(ValueError, match=r"takes no code pixels \(TransformerConfig.code_pixels=0\)"):
         DalleTransformer(small_config()).set_code_pixels(torch.zeros(40, 12))

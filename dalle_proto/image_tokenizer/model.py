@@ -223,7 +223,6 @@ class ImageTokenizer(PretrainedMixin, nn.Module):
         the mean of its cells' decoded pixels (zeros for a code the grids never hold). Decoded in
         context, as the decoder's normalisation layers need real pictures (the transformer's
         `code_pixels` option)."""
-        self._check_ids(grids)
         f, v = self.config.downsample_factor, self.codebook_size
         sums = torch.zeros(v, 3 * f * f, dtype=torch.float64)
         counts = torch.zeros(v, dtype=torch.float64)
