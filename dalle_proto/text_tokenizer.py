@@ -22,17 +22,8 @@ is all pads: the "null" text of classifier-free guidance (`null_ids()`).
 `vocab_size` is the size of the vocabulary the trainer actually produced, which on a small corpus is
 far below the requested size; BPE ids are exactly 0..vocab_size-1, so pads never collide with them.
 
-Saved as ONE `tokenizer.json` (the standard `tokenizers` file; loadable by `Tokenizer.from_file`).
-The dalle_proto settings are read back from its standard fields, so they cannot disagree with it:
-  vocab_size  <- the size of `model.vocab`
-  text_len    <- `truncation.max_length`
-  bpe_dropout <- `model.dropout` (note: a raw `Tokenizer.from_file` therefore has dropout ON)
-  lowercase   <- whether `normalizer` contains `Lowercase`
-  kind        <- the pre-tokenizer: `ByteLevel` is "byte_level", `BertPreTokenizer` is "char_bpe"
-The training-only knobs `min_frequency` and the requested vocabulary size are kept for the record
-under `model.dalle_proto` (the `tokenizers` loader ignores unknown keys inside `model`; a missing
-record falls back to the default), so a later stage can tell whether a config value is the one the
-saved tokenizer was trained with.
+Saved as ONE `tokenizer.json`, the standard `tokenizers` file, whose standard fields hold the
+dalle_proto settings (`tokenizer_json.py`).
 
 kind="char_bpe" is minDALL-E's tokenizer instead (`from_char_bpe`: a CharBPE vocabulary read from
 vocab.json + merges.txt, as `tokenizers.CharBPETokenizer` builds it: BERT normaliser, lower case,
@@ -58,12 +49,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from dalle_proto.bpe_dropout import BpeMerges
 from dalle_proto.pretrained import BadSavedFileError, atomic_write_bytes, read_text_file
+from dalle_proto.tokenizer_json import CHAR_BPE_PAD, RECORD_KEY, check_ids_contiguous, settings_from_json
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE always holds the 256 byte symbols
 KINDS = ("byte_level", "char_bpe")
-CHAR_BPE_PAD, CHAR_BPE_UNK, CHAR_BPE_SUFFIX = "[PAD]", "[UNK]", "</w>"  # minDALL-E's tokenizer
-_RECORD_KEY = "dalle_proto"  # our record inside tokenizer.json's `model` object
+CHAR_BPE_UNK, CHAR_BPE_SUFFIX = "[UNK]", "</w>"  # minDALL-E's tokenizer
 
 
 class TruncationWarning(UserWarning):
@@ -314,18 +305,18 @@ class TextTokenizer:
         tokenizer.enable_truncation(max_length=text_len)
         config = TextTokenizerConfig(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), text_len=text_len,
                                      bpe_dropout=0.0, lowercase=lowercase, kind="char_bpe")
-        _check_ids_contiguous(tokenizer, str(vocab_json))
+        check_ids_contiguous(tokenizer, str(vocab_json))
         return cls(tokenizer, config)
 
     # ---- saving / loading --------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write `folder/tokenizer.json` atomically (see the module docstring for what it holds)."""
+        """Write `folder/tokenizer.json` atomically (`tokenizer_json.py` says what it holds)."""
         data = json.loads(self._tokenizer.to_str())
         data["model"]["dropout"] = self.config.bpe_dropout or None  # recorded whatever the mode
         record = {"min_frequency": self.config.min_frequency}
         if self.requested_vocab_size is not None:
             record["requested_vocab_size"] = self.requested_vocab_size
-        data["model"][_RECORD_KEY] = record
+        data["model"][RECORD_KEY] = record
         path = Path(folder) / TOKENIZER_FILE
         atomic_write_bytes(path, (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
         return path
@@ -346,8 +337,11 @@ class TextTokenizer:
             raise BadSavedFileError(path, f"not a valid tokenizers JSON file ({e}); expected {expected}") from e
         if not isinstance(data.get("model"), dict):
             raise BadSavedFileError(path, f"has no BPE `model` object; expected {expected}")
-        requested = ((data.get("model") or {}).get(_RECORD_KEY) or {}).get("requested_vocab_size")
-        return cls(tokenizer, _config_from_json(data, tokenizer, str(path)),
+        requested = ((data.get("model") or {}).get(RECORD_KEY) or {}).get("requested_vocab_size")
+        settings = settings_from_json(data, tokenizer, str(path))
+        if settings["min_frequency"] is None:  # a tokenizer.json without our record
+            settings["min_frequency"] = TextTokenizerConfig.min_frequency
+        return cls(tokenizer, TextTokenizerConfig(**settings),
                    requested_vocab_size=requested if isinstance(requested, int) else None)
 
     def __repr__(self) -> str:
@@ -402,43 +396,3 @@ class _Counter:
         for caption in self.captions:
             yield _check_caption(caption, self.n)
             self.n += 1
-
-
-def _config_from_json(data: dict, tokenizer: Tokenizer, source: str) -> TextTokenizerConfig:
-    """Rebuild the config from tokenizer.json's standard fields (see the module docstring)."""
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"{source}: expected a BPE model, got model.type={model.get('type')!r}")
-    kind = "byte_level" if (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel" else "char_bpe"
-    added = [t.get("content") for t in data.get("added_tokens") or []]
-    if kind == "byte_level" and added:
-        raise ValueError(f"{source}: has added_tokens {added[:5]}; a byte-level dalle_proto text tokenizer "
-                         "has none (its pads live outside the BPE vocabulary)")
-    if kind == "char_bpe" and CHAR_BPE_PAD not in added:
-        raise ValueError(f"{source}: a char_bpe tokenizer (pre-tokenizer "
-                         f"{(data.get('pre_tokenizer') or {}).get('type')!r}) needs the {CHAR_BPE_PAD} added token; "
-                         f"found added_tokens {added[:5]}")
-    vocab = _check_ids_contiguous(tokenizer, source)
-    truncation = data.get("truncation") or {}
-    if not isinstance(truncation.get("max_length"), int):
-        raise ValueError(f"{source}: missing truncation.max_length, which holds dalle_proto's text_len")
-    if data.get("padding") is not None:
-        raise ValueError(f"{source}: has tokenizers padding set; dalle_proto pads per position itself")
-    normalizer = data.get("normalizer") or {}
-    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
-    record = model.get(_RECORD_KEY) or {}
-    return TextTokenizerConfig(
-        vocab_size=len(vocab),
-        text_len=truncation["max_length"],
-        bpe_dropout=float(model.get("dropout") or 0.0),
-        lowercase=any(step.get("type") == "Lowercase" for step in steps),
-        min_frequency=int(record.get("min_frequency", TextTokenizerConfig.min_frequency)),
-        kind=kind,
-    )
-
-
-def _check_ids_contiguous(tokenizer: Tokenizer, source: str) -> dict[str, int]:
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError(f"{source}: BPE ids are not exactly 0..{len(vocab) - 1}; pads would collide")
-    return vocab

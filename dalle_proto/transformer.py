@@ -163,7 +163,7 @@ class DalleTransformer(nn.Module):
         if c.code_pixels:  # see TransformerConfig.code_pixels; zeros until set_code_pixels
             self.register_buffer("code_pixel_values", torch.zeros(c.image_vocab_size, c.code_pixels))
             self.code_pixel_in = _code_pixel_mlp(c)
-            self.code_pixel_out = None if c.tie_embeddings else _code_pixel_mlp(c)
+            self.code_pixel_out = _code_pixel_mlp(c) if c.code_pixels_head and not c.tie_embeddings else None
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
@@ -261,6 +261,8 @@ class DalleTransformer(nn.Module):
     def _image_head_weight(self) -> torch.Tensor:  # (Vi, D)
         if self.config.tie_embeddings:
             return self._image_input_table()
+        if self.code_pixel_out is None:  # code_pixels_head=False: free rows
+            return self.image_head.weight
         pixels = self.code_pixel_values.to(self.image_head.weight.dtype)  # (Vi, P)
         return self.image_head.weight + self.code_pixel_out(pixels)
 

@@ -50,6 +50,8 @@ class TransformerConfig:
     # code's input embedding and output-head row: codes that look alike start alike, so what the
     # model learns about a stroke in one colour can carry over to a colour it never saw drawn that way.
     code_pixels: int = 0
+    # False: the pixel term joins the input embeddings only and the head keeps free rows (untied heads)
+    code_pixels_head: bool = True
 
     def __post_init__(self):
         for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "dim", "depth",
@@ -82,6 +84,10 @@ class TransformerConfig:
                              "text_attention='bidirectional' and text_loss_weight=0")
         if not isinstance(self.code_pixels, int) or isinstance(self.code_pixels, bool) or self.code_pixels < 0:
             raise ValueError(f"TransformerConfig.code_pixels must be an int >= 0 (3 * f * f), got {self.code_pixels!r}")
+        if not self.code_pixels_head and (not self.code_pixels or self.tie_embeddings):
+            raise ValueError("TransformerConfig.code_pixels_head=False has no effect unless code_pixels > 0 and "
+                             f"tie_embeddings=False (got code_pixels={self.code_pixels}, "
+                             f"tie_embeddings={self.tie_embeddings})")
         if self.image_position not in ("row_column", "raster"):
             raise ValueError(f"TransformerConfig.image_position must be 'row_column' or 'raster', "
                              f"got {self.image_position!r}")

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dalle_proto.caption_perturbations import converse_caption, perturb_binding, perturb_caption
 from dalle_proto.text_tokenizer import TruncationReportedOnce
+from dalle_proto.transformer_config import TransformerConfig
 
 # separate random streams per purpose, so adding one never shifts another
 _ORDER, _CAPTION_DROPOUT, _DROPOUT, _BPE_DROPOUT, _CONTRAST, _CONVERSE = 0, 1, 2, 3, 4, 5
@@ -268,3 +269,24 @@ class TokenCacheBatches(pl.LightningDataModule):
                           collate_fn=CaptionCollate(self.text_tokenizer, False, 0.0, self.seed, self.contrast,
                                                      self.contrast_negatives),
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+
+def check_compatible(config: TransformerConfig, text_tokenizer: Any, train_cache: Any, val_cache: Any,
+                      image_tokenizer: Any) -> None:
+    """Fail before training when the parts disagree about vocabulary or geometry."""
+    pairs = [("text tokenizer vocab_size", text_tokenizer.vocab_size, "text_vocab_size", config.text_vocab_size),
+             ("text tokenizer text_len", text_tokenizer.text_len, "text_len", config.text_len)]
+    for name, cache in (("train_cache", train_cache), ("val_cache", val_cache)):
+        if cache is not None:
+            pairs += [(f"{name} grid_size", cache.grid_size, "image_grid", config.image_grid),
+                      (f"{name} codebook_size", cache.codebook_size, "image_vocab_size", config.image_vocab_size)]
+    if image_tokenizer is not None:
+        pairs += [("image tokenizer grid_size", image_tokenizer.grid_size, "image_grid", config.image_grid),
+                  ("image tokenizer codebook_size", image_tokenizer.codebook_size, "image_vocab_size",
+                   config.image_vocab_size)]
+    for part, value, field_name, expected in pairs:
+        if value != expected:
+            raise ValueError(f"{part} is {value} but TransformerConfig.{field_name} is {expected}; "
+                             f"they must match (build the transformer config from the tokenizers and cache)")
+    if len(train_cache) == 0:
+        raise ValueError("train_cache is empty")

@@ -43,7 +43,7 @@ from dalle_proto.cpu_memory import retain_freed_memory
 from dalle_proto.pretrained import load_state_dict_strict
 from dalle_proto.training_callbacks import SampleGrid, StepCheckpoint
 from dalle_proto.transformer import Block, DalleTransformer, TransformerConfig
-from dalle_proto.transformer_data import CONTRAST_NEGATIVES, TokenCacheBatches, split_indices, step_seed
+from dalle_proto.transformer_data import CONTRAST_NEGATIVES, TokenCacheBatches, check_compatible, split_indices, step_seed
 from dalle_proto.transformer_loss import TransformerLoss
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -292,7 +292,7 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     (EMA when enabled) as a DalleTransformer on the CPU, in eval mode, on every rank.
     """
     c, out_dir = train_config, Path(out_dir)
-    _check_compatible(transformer_config, text_tokenizer, train_cache, val_cache, image_tokenizer)
+    check_compatible(transformer_config, text_tokenizer, train_cache, val_cache, image_tokenizer)
     if val_cache is None and c.validates and c.val_fraction > 0:
         train_indices, val_indices = split_indices(len(train_cache), c.val_fraction, c.seed)
         val_cache = train_cache
@@ -404,24 +404,3 @@ def _init_from(model: DalleTransformer, path: str) -> None:
                          + ", ".join(f"{k} ({saved} saved, {ours} here)" for k, (saved, ours) in differ.items()))
     model.load_state_dict(source.state_dict())
     rank_zero_info(f"initialised the transformer from {folder}")
-
-
-def _check_compatible(config: TransformerConfig, text_tokenizer: Any, train_cache: Any, val_cache: Any,
-                      image_tokenizer: Any) -> None:
-    """Fail before training when the parts disagree about vocabulary or geometry."""
-    pairs = [("text tokenizer vocab_size", text_tokenizer.vocab_size, "text_vocab_size", config.text_vocab_size),
-             ("text tokenizer text_len", text_tokenizer.text_len, "text_len", config.text_len)]
-    for name, cache in (("train_cache", train_cache), ("val_cache", val_cache)):
-        if cache is not None:
-            pairs += [(f"{name} grid_size", cache.grid_size, "image_grid", config.image_grid),
-                      (f"{name} codebook_size", cache.codebook_size, "image_vocab_size", config.image_vocab_size)]
-    if image_tokenizer is not None:
-        pairs += [("image tokenizer grid_size", image_tokenizer.grid_size, "image_grid", config.image_grid),
-                  ("image tokenizer codebook_size", image_tokenizer.codebook_size, "image_vocab_size",
-                   config.image_vocab_size)]
-    for part, value, field_name, expected in pairs:
-        if value != expected:
-            raise ValueError(f"{part} is {value} but TransformerConfig.{field_name} is {expected}; "
-                             f"they must match (build the transformer config from the tokenizers and cache)")
-    if len(train_cache) == 0:
-        raise ValueError("train_cache is empty")

@@ -304,3 +304,18 @@ def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
         DalleTransformer(small_config()).set_code_pixels(torch.zeros(40, 12))
     with pytest.raises(ValueError, match="code_pixels must be an int >= 0"):
         small_config(code_pixels=-1)
+
+
+def test_code_pixels_head_false_keeps_free_head_rows():
+    torch.manual_seed(0)
+    model = DalleTransformer(small_config(code_pixels=12, code_pixels_head=False)).eval()
+    model.set_code_pixels(torch.rand(40, 12) * 2 - 1)
+    assert model.code_pixel_out is None and torch.equal(model._image_head_weight(), model.image_head.weight)
+    assert not torch.allclose(model._image_input_table(), model.image_embedding.weight)
+    text, image = random_batch(model.config)
+    x = torch.randn(2, 5, model.config.dim)
+    torch.testing.assert_close(model._image_logits(x), model.image_head(x))
+    assert_image_tokens_are_causal(model, text, image)
+    for bad in (dict(code_pixels=0), dict(code_pixels=12, tie_embeddings=True)):
+        with pytest.raises(ValueError, match="code_pixels_head=False has no effect unless code_pixels > 0"):
+            small_config(code_pixels_head=False, **bad)
