@@ -166,7 +166,7 @@ def forward_with_attention(model, text_ids: torch.Tensor, image_ids: torch.Tenso
     t, n, h, d = c.text_len, c.image_len, c.heads, c.head_dim
     masks = model.masks()
     x = torch.cat([model._embed_text(text_ids),  # the caption after any text encoder
-                   model.image_embedding(image_ids) + model._image_position()], dim=1)  # (B, T+N, D)
+                   model._embed_image(image_ids) + model._image_position()], dim=1)  # (B, T+N, D)
     b, length, _ = x.shape
     text_probs, layer_diffs = [], []
     for block in model.blocks:
@@ -184,7 +184,7 @@ def forward_with_attention(model, text_ids: torch.Tensor, image_ids: torch.Tenso
         text_probs.append(probs[:, :, t - 1:t + n - 1, :t])  # (B, H, N, T)
         x = x + block.post_attn(out)
         x = x + block.post_mlp(block.mlp(block.norm_mlp(x)))
-    image_logits = model.image_head(model.final_norm(x)[:, t - 1:-1])  # (B, N, Vi)
+    image_logits = model._image_logits(model.final_norm(x)[:, t - 1:-1])  # (B, N, Vi)
     return image_logits, text_probs, layer_diffs
 
 
