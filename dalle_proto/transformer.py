@@ -261,10 +261,13 @@ class DalleTransformer(nn.Module):
     def _image_head_weight(self) -> torch.Tensor:  # (Vi, D)
         if self.config.tie_embeddings:
             return self._image_input_table()
-        if self.code_pixel_out is None:  # code_pixels_head=False: free rows
+        if not self.config.code_pixels or self.code_pixel_out is None:  # free rows (code_pixels_head=False)
             return self.image_head.weight
         pixels = self.code_pixel_values.to(self.image_head.weight.dtype)  # (Vi, P)
-        return self.image_head.weight + self.code_pixel_out(pixels)
+        rows = self.code_pixel_out(pixels)  # (Vi, D)
+        # Centred over codes: a part shared by all rows shifts every logit alike, so no gradient holds it
+        # and it drifted to logits of ~200, where bf16 (training, sampling) resolves only ~1 nat.
+        return self.image_head.weight + rows - rows.mean(dim=0)
 
     def _embed_image(self, image_ids: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D)
         if not self.config.code_pixels:

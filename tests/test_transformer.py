@@ -1,6 +1,7 @@
 """DalleTransformer: shapes, causality under every mask kind, loss, overfitting, sizes, save/load."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dalle_proto.attention_masks import ATTENTION_MODES
 from dalle_proto.transformer import SIZES, DalleTransformer, TransformerConfig
@@ -297,6 +298,12 @@ def test_code_pixels_inform_image_embeddings_and_head(tmp_path):
     loaded = DalleTransformer.from_pretrained(tmp_path / "t").eval()
     assert loaded.config == c and torch.equal(loaded.code_pixel_values, pixels)
     assert torch.equal(loaded(text, image)[1], model(text, image)[1])
+    # the head's pixel term is centred over codes: the same probabilities as the raw term, no shared offset
+    term = model._image_head_weight() - model.image_head.weight  # (Vi, D)
+    torch.testing.assert_close(term.mean(dim=0), torch.zeros(c.dim), atol=1e-6, rtol=0)
+    x = torch.randn(2, 5, c.dim)
+    raw = F.linear(x, model.image_head.weight + model.code_pixel_out(pixels))  # (2, 5, Vi)
+    torch.testing.assert_close(model._image_logits(x).log_softmax(-1), raw.log_softmax(-1), atol=1e-5, rtol=0)
     tied = DalleTransformer(small_config(code_pixels=12, tie_embeddings=True))
     tied_in, tied_head = tied._image_input_table(), tied._image_head_weight()
     assert tied.code_pixel_out is None and torch.equal(tied_in, tied_head)
