@@ -50,13 +50,17 @@ def test_perturbed_captions():
     assert probes.perturbed("a red circle above a red square", "swap_colors", rng) is None
 
 
-@pytest.mark.parametrize("attention, text_attention", [("sparse", "causal"), ("sparse", "bidirectional"), ("full", "causal"),
-                                                       ("full", "bidirectional")])
-def test_recomputed_attention_matches_the_model(attention, text_attention):
+@pytest.mark.parametrize("attention, text_attention, code_pixels", [
+    ("sparse", "causal", 0), ("sparse", "bidirectional", 0), ("full", "causal", 0), ("full", "bidirectional", 0),
+    ("sparse", "bidirectional", 12)])  # the pixel terms of embedding and head go through the probe too
+def test_recomputed_attention_matches_the_model(attention, text_attention, code_pixels):
     torch.manual_seed(0)
     config = TransformerConfig.from_size("tiny", attention=attention, text_attention=text_attention,
-                                         text_loss_weight=0.0 if text_attention == "bidirectional" else 1 / 8)
+                                         text_loss_weight=0.0 if text_attention == "bidirectional" else 1 / 8,
+                                         code_pixels=code_pixels)
     model = DalleTransformer(config).eval()
+    if code_pixels:
+        model.set_code_pixels(torch.rand(config.image_vocab_size, code_pixels) * 2 - 1)
     text = torch.randint(0, config.text_vocab_size, (2, config.text_len))
     image = torch.randint(0, config.image_vocab_size, (2, config.image_len))
     logits, text_probs, diffs = probes.forward_with_attention(model, text, image, verify=True)
