@@ -109,8 +109,9 @@ def generate_image_tokens_with_logits(
     was_training = model.training
     model.eval()
     try:
-        tokens, kept = _decode(model, text, rows, scales, temperature, top_k, top_p, generator,
-                               keep_logits, progress)
+        with model.frozen_image_tables():
+            tokens, kept = _decode(model, text, rows, scales, temperature, top_k, top_p, generator,
+                                   keep_logits, progress)
     finally:
         model.train(was_training)
     # clone outside inference mode so callers may feed the tokens to a model that tracks gradients

@@ -166,6 +166,7 @@ class DalleTransformer(nn.Module):
             self.code_pixel_out = _code_pixel_mlp(c) if c.code_pixels_head and not c.tie_embeddings else None
         # masks and block layouts per kind in use, built once; not saved (pure functions of config)
         self._dense = False
+        self._frozen_tables: tuple | None = None  # see frozen_image_tables
         self._mask_biases: dict = {}  # (kind, dtype, device) -> additive mask, see _mask_bias
         self.register_buffer("mask_text_bias", additive_mask(text_mask(c.text_len, c.bidirectional_text)),
                              persistent=False)
@@ -208,6 +209,20 @@ class DalleTransformer(nn.Module):
             yield self
         finally:
             self._dense = previous
+
+    @contextlib.contextmanager
+    def frozen_image_tables(self):
+        """Within this block (no gradients: sampling) a code_pixels model computes its image input
+        table and head rows once instead of at every call, i.e. at every decoded token."""
+        if not self.config.code_pixels or self._frozen_tables is not None:
+            yield self
+            return
+        with torch.no_grad():
+            self._frozen_tables = (self._image_input_table(), self._image_head_weight())
+        try:
+            yield self
+        finally:
+            self._frozen_tables = None
 
     def null_text_ids(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
         """(B, T) all-pad text (ids V + i, or text_pad_id everywhere): the empty caption, the null
@@ -255,10 +270,14 @@ class DalleTransformer(nn.Module):
             self.code_pixel_values.copy_(values)
 
     def _image_input_table(self) -> torch.Tensor:  # (Vi, D): learned rows + their codes' pixel term
+        if self._frozen_tables is not None:
+            return self._frozen_tables[0]
         pixels = self.code_pixel_values.to(self.image_embedding.weight.dtype)  # (Vi, P)
         return self.image_embedding.weight + self.code_pixel_in(pixels)
 
     def _image_head_weight(self) -> torch.Tensor:  # (Vi, D)
+        if self._frozen_tables is not None:
+            return self._frozen_tables[1]
         if self.config.tie_embeddings:
             return self._image_input_table()
         if not self.config.code_pixels or self.code_pixel_out is None:  # free rows (code_pixels_head=False)

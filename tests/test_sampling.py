@@ -64,12 +64,19 @@ def test_kv_cache_logits_equal_full_forward_with_bidirectional_text(attention, e
         for block in model.text_encoder:
             block.attn.out.weight.normal_(std=0.1), block.mlp.proj.weight.normal_(std=0.1)
     text = text_batch(model)
+    calls = []  # the pixel MLPs run once per sampling call (frozen_image_tables), not at every token
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (model.code_pixel_in, model.code_pixel_out)] \
+        if pixels else []
     for cfg_scale in (1.0, 3.0):
+        calls.clear()
         tokens, logits = generate_image_tokens_with_logits(model, text, seed=0, cfg_scale=cfg_scale)
+        assert len(calls) == (2 if pixels else 0) and model._frozen_tables is None
         with torch.no_grad():
             _, full = model(text, tokens.flatten(1))  # (B, N, Vi)
             _, uncond = model(model.null_text_ids(2), tokens.flatten(1))
         torch.testing.assert_close(logits, uncond + cfg_scale * (full - uncond), atol=LOGITS_ATOL, rtol=0)
+    for hook in hooks:
+        hook.remove()
     if encoder:  # the encoder's weights have no place in a causal-text model
         return
     causal = make_model(attention)
