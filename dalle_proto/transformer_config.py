@@ -50,7 +50,8 @@ class TransformerConfig:
     # code's input embedding and output-head row: codes that look alike start alike, so what the
     # model learns about a stroke in one colour can carry over to a colour it never saw drawn that way.
     code_pixels: int = 0
-    # False: the pixel term joins the input embeddings only and the head keeps free rows (untied heads)
+    # False: the pixel term joins the input embeddings only and the head keeps free rows (untied heads);
+    # measured worse on shapes (BENCHMARKS.md, "What costs `code_pixels` its counts")
     code_pixels_head: bool = True
 
     def __post_init__(self):
