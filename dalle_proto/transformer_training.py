@@ -313,6 +313,11 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     if transformer_config.code_pixels:
         if image_tokenizer is None:
             raise ValueError("TransformerConfig.code_pixels needs the image tokenizer (its codes' decoded pixels)")
+        f = image_tokenizer.config.downsample_factor  # checked before the pictures are decoded
+        if transformer_config.code_pixels != 3 * f * f:
+            raise ValueError(f"TransformerConfig.code_pixels={transformer_config.code_pixels}, but this image tokenizer's "
+                             f"codes each decode to 3 x {f} x {f} = {3 * f * f} pixel values: set "
+                             f"transformer.code_pixels={3 * f * f} (or 0 to turn the option off)")
         grids = torch.stack([train_cache[i][0] for i in train_indices[:CODE_PIXEL_GRIDS]])  # (M, h, w)
         transformer.set_code_pixels(image_tokenizer.code_pixels(grids))
     if c.init_from is not None:  # on a resume, last.ckpt then replaces these weights

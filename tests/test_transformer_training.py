@@ -549,6 +549,7 @@ def test_code_pixels_come_from_the_image_tokenizer_and_are_exported(world, tmp_p
     assert torch.equal(DalleTransformer.from_pretrained(tmp_path / "transformer").code_pixel_values, expected)
     with pytest.raises(ValueError, match="code_pixels needs the image tokenizer"):
         train_transformer(config, train, world["text_tokenizer"], world["cache"], None, tmp_path / "none")
-    with pytest.raises(ValueError, match=r"must have shape \(256, 12\) .* got \(256, 48\)"):
+    with pytest.raises(ValueError, match=r"code_pixels=12, but this image tokenizer's codes each decode to 3 x 4 x 4 "
+                                         r"= 48 pixel values: set transformer.code_pixels=48"):
         train_transformer(dataclasses.replace(config, code_pixels=12), train, world["text_tokenizer"], world["cache"],
                           None, tmp_path / "wrong", image_tokenizer=world["image_tokenizer"])
