@@ -280,7 +280,7 @@ class DalleTransformer(nn.Module):
             return self._frozen_tables[1]
         if self.config.tie_embeddings:
             return self._image_input_table()
-        if not self.config.code_pixels or self.code_pixel_out is None:  # free rows (code_pixels_head=False)
+        if self.code_pixel_out is None:  # code_pixels_head=False: free rows
             return self.image_head.weight
         pixels = self.code_pixel_values.to(self.image_head.weight.dtype)  # (Vi, P)
         rows = self.code_pixel_out(pixels)  # (Vi, D)

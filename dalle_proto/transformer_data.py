@@ -288,5 +288,13 @@ def check_compatible(config: TransformerConfig, text_tokenizer: Any, train_cache
         if value != expected:
             raise ValueError(f"{part} is {value} but TransformerConfig.{field_name} is {expected}; "
                              f"they must match (build the transformer config from the tokenizers and cache)")
+    if config.code_pixels:  # before any picture is decoded for them
+        if image_tokenizer is None:
+            raise ValueError("TransformerConfig.code_pixels needs the image tokenizer (its codes' decoded pixels)")
+        f = image_tokenizer.config.downsample_factor
+        if config.code_pixels != 3 * f * f:
+            raise ValueError(f"TransformerConfig.code_pixels={config.code_pixels}, but this image tokenizer's "
+                             f"codes each decode to 3 x {f} x {f} = {3 * f * f} pixel values: set "
+                             f"transformer.code_pixels={3 * f * f} (or 0 to turn the option off)")
     if len(train_cache) == 0:
         raise ValueError("train_cache is empty")

@@ -310,14 +310,7 @@ def train_transformer(transformer_config: TransformerConfig, train_config: Trans
     retain_freed_memory()  # no page faults on the per-step activation buffers (cpu_memory.py)
     torch.manual_seed(c.seed)  # identical initial weights on every rank and every (re)start
     transformer = DalleTransformer(transformer_config)
-    if transformer_config.code_pixels:
-        if image_tokenizer is None:
-            raise ValueError("TransformerConfig.code_pixels needs the image tokenizer (its codes' decoded pixels)")
-        f = image_tokenizer.config.downsample_factor  # checked before the pictures are decoded
-        if transformer_config.code_pixels != 3 * f * f:
-            raise ValueError(f"TransformerConfig.code_pixels={transformer_config.code_pixels}, but this image tokenizer's "
-                             f"codes each decode to 3 x {f} x {f} = {3 * f * f} pixel values: set "
-                             f"transformer.code_pixels={3 * f * f} (or 0 to turn the option off)")
+    if transformer_config.code_pixels:  # check_compatible has matched it to the image tokenizer
         grids = torch.stack([train_cache[i][0] for i in train_indices[:CODE_PIXEL_GRIDS]])  # (M, h, w)
         transformer.set_code_pixels(image_tokenizer.code_pixels(grids))
     if c.init_from is not None:  # on a resume, last.ckpt then replaces these weights
